@@ -1,0 +1,61 @@
+"""Which records an institution trains on.
+
+A deployed institution names its own file (`data-path` in its node config). A simulated one
+holds the `partition-id`-th share of the job's training file, split non-IID with the job's
+seed, so every simulated institution computes the same split on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.config import JobConfig
+from common.data import Records, read_records
+from common.partition import dirichlet_partition
+
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
+DATA_PATH = "data-path"
+NAME = "name"
+
+
+@dataclass(frozen=True)
+class LocalData:
+    name: str
+    records: Records
+    labels: torch.Tensor  # label ids in the job's label order
+
+
+def institution_name(node_config: dict) -> str:
+    if NAME in node_config:
+        return str(node_config[NAME])
+    return f"institution-{int(node_config[PARTITION_ID]) + 1}"
+
+
+def load_local_data(job: JobConfig, node_config: dict) -> LocalData:
+    data = job.data
+    if DATA_PATH in node_config:
+        return _whole_file(str(node_config[DATA_PATH]), data.text_column, data.label_column, tuple(data.labels))
+    return _simulated_share(job.model_dump_json(include={"data", "federation"}), int(node_config[PARTITION_ID]),
+                            int(node_config[NUM_PARTITIONS]), institution_name(node_config))
+
+
+@functools.lru_cache(maxsize=2)
+def _whole_file(path: str, text_column: str, label_column: str, labels: tuple[str, ...]) -> LocalData:
+    records = read_records(Path(path), text_column, label_column)
+    return LocalData(Path(path).stem, records, torch.tensor(records.label_ids(labels)))
+
+
+@functools.lru_cache(maxsize=8)
+def _simulated_share(job_json: str, partition: int, partitions: int, name: str) -> LocalData:
+    job = JobConfig.model_validate_json(job_json)
+    records = read_records(job.data.train_path, job.data.text_column, job.data.label_column)
+    label_ids = records.label_ids(job.data.labels)
+    fed = job.federation
+    shares = dirichlet_partition(label_ids, partitions, fed.alpha, fed.seed, fed.min_examples)
+    share = shares[partition]
+    return LocalData(name, records.subset(share), torch.tensor([label_ids[i] for i in share]))

@@ -1,0 +1,109 @@
+"""Local DP-SGD on an institution's cached features, with Opacus.
+
+Poisson sampling, per-record clipping and Gaussian noise come from Opacus' PrivacyEngine; the
+accountant is seeded with the institution's earlier history so that it keeps counting across
+rounds instead of starting afresh.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.accounting import HistoryEntry, NoisePlan, compact
+from common.model import Features, UpperStack, batch_to
+
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class LocalResult:
+    history: list[HistoryEntry]
+    mean_loss: float
+    first_loss: float
+    last_loss: float
+
+
+def _secret_generator(device: torch.device) -> torch.Generator:
+    """Sampling and noise must be unpredictable to everyone else, the coordinator included:
+    a seed derived from job settings would let it subtract the noise. So never seed from config."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def _batches(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def train_dp(
+    upper: UpperStack,
+    features: Features,
+    labels: torch.Tensor,
+    plan: NoisePlan,
+    *,
+    max_grad_norm: float,
+    learning_rate: float,
+    accountant: str,
+    history: list[HistoryEntry],
+    proximal_mu: float = 0.0,
+    on_step: StepCallback | None = None,
+) -> LocalResult:
+    """Run `plan.steps_per_round` DP-SGD steps; return the accountant's history after them."""
+    device = next(upper.parameters()).device
+    generator = _secret_generator(torch.device("cpu"))
+    dataset = TensorDataset(features.hidden, features.mask, labels)
+    loader = DataLoader(dataset, batch_size=plan.batch_size, generator=generator)
+    params = [p for p in upper.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    engine = PrivacyEngine(accountant=accountant)
+    engine.accountant.history = compact(history)
+    module, optimizer, loader = engine.make_private(
+        module=upper,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=_secret_generator(device),
+    )
+    if loader.sample_rate != plan.sample_rate:
+        raise RuntimeError(f"Opacus samples at {loader.sample_rate}, the plan at {plan.sample_rate}")
+    module.train()
+    losses: list[float] = []
+    batches = _batches(loader)
+    try:
+        for step in range(1, plan.steps_per_round + 1):
+            hidden, mask, target = next(batches)
+            hidden, mask = batch_to(hidden, mask, device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = module(hidden, mask)
+            loss = nn.functional.cross_entropy(logits, target.to(device))
+            loss.backward()
+            optimizer.step()
+            if anchor:
+                # FedProx' proximal pull towards the global model. It does not depend on the
+                # data, so it is applied after the private step and costs no privacy.
+                with torch.no_grad():
+                    for p, p0 in zip(params, anchor):
+                        p.sub_(learning_rate * proximal_mu * (p - p0))
+            if len(target):
+                losses.append(float(loss))
+            if on_step is not None:
+                on_step(step, plan.steps_per_round, losses[-1] if losses else float("nan"))
+    finally:
+        module._close()
+    if not losses:
+        losses = [float("nan")]
+    return LocalResult(
+        history=compact(engine.accountant.history),
+        mean_loss=sum(losses) / len(losses),
+        first_loss=losses[0],
+        last_loss=losses[-1],
+    )

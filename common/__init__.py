@@ -1,0 +1,1 @@
+"""Code shared by the coordinator (server/) and the institutions (client/)."""

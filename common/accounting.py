@@ -1,0 +1,117 @@
+"""Privacy accounting over the whole history of what an institution released.
+
+The state is always the accountant's own history, a list of (noise multiplier, sample rate,
+steps) entries in Opacus' format; epsilon is recomputed from it on demand and never stored.
+Pure functions, so they test without a network or a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+HistoryEntry = tuple[float, float, int]
+
+
+def sample_rate(records: int, batch_size: int) -> float:
+    """Poisson sampling rate exactly as Opacus' DPDataLoader derives it (1 / batches per epoch)."""
+    return 1.0 / math.ceil(records / batch_size)
+
+
+def steps_per_round(records: int, batch_size: int, local_epochs: float) -> int:
+    return max(1, round(local_epochs * math.ceil(records / batch_size)))
+
+
+def compact(history: Iterable[HistoryEntry]) -> list[HistoryEntry]:
+    """Merge neighbouring entries with the same mechanism, as Opacus' accountants do."""
+    merged: list[HistoryEntry] = []
+    for noise, rate, steps in history:
+        if merged and merged[-1][0] == noise and merged[-1][1] == rate:
+            merged[-1] = (noise, rate, merged[-1][2] + steps)
+        else:
+            merged.append((float(noise), float(rate), int(steps)))
+    return merged
+
+
+def epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
+    """Epsilon at `delta` of everything in `history`, by the named Opacus accountant."""
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = compact(history)
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The DP-SGD mechanism an institution runs for a whole job."""
+
+    noise_multiplier: float
+    sample_rate: float
+    batch_size: int
+    steps_per_round: int
+    rounds: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_round * self.rounds
+
+    def history(self, rounds: int) -> list[HistoryEntry]:
+        return [(self.noise_multiplier, self.sample_rate, self.steps_per_round * rounds)] if rounds else []
+
+
+def plan_noise(
+    *,
+    records: int,
+    batch_size: int,
+    local_epochs: float,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    spent: Sequence[HistoryEntry] = (),
+) -> NoisePlan:
+    """Smallest noise such that `spent` plus all `rounds` of this job stays within `target_epsilon`.
+
+    Calibrated once, before the first round, over every local step the job will take, so the
+    epsilon after the last round is at most the target (up to Opacus' search tolerance, which
+    errs on the safe side).
+    """
+    rate = sample_rate(records, batch_size)
+    steps = steps_per_round(records, batch_size, local_epochs)
+    if spent:
+        noise = _noise_after(spent, rate, steps * rounds, target_epsilon, delta, accountant)
+    else:
+        noise = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=steps * rounds,
+            accountant=accountant,
+            epsilon_tolerance=0.01 * target_epsilon,
+        )
+    return NoisePlan(float(noise), rate, batch_size, steps, rounds)
+
+
+def _noise_after(
+    spent: Sequence[HistoryEntry], rate: float, steps: int, target: float, delta: float, accountant: str
+) -> float:
+    """Bisection for the noise whose steps, after `spent`, end at `target` (from above)."""
+    if epsilon(spent, delta, accountant) >= target:
+        raise ValueError("the budget is already spent")
+    low, high = 0.0, 10.0
+    while epsilon([*spent, (high, rate, steps)], delta, accountant) > target:
+        low, high = high, 2 * high
+        if high > 1e4:
+            raise ValueError("no noise multiplier below 1e4 fits the remaining budget")
+    while high - low > 0.005 * high:
+        mid = (low + high) / 2
+        if epsilon([*spent, (mid, rate, steps)], delta, accountant) > target:
+            low = mid
+        else:
+            high = mid
+    return high

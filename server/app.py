@@ -1,0 +1,95 @@
+"""The coordinator's ServerApp: runs the federated rounds and writes the run folder.
+
+The coordinator never sees a training record. It holds the public test split, evaluates each
+round's global model on it, and writes metrics, report, plots and the final model to the
+run folder (run-config key `out-dir`, default `runs/<timestamp>`).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RUN_CONFIG_KEY, JobConfig
+from common.data import read_records
+from common.model import (
+    UpperStack,
+    build_model,
+    count_parameters,
+    default_cache_dir,
+    encode,
+    evaluate,
+    load_trainable_state,
+    model_path,
+    pick_device,
+    save_model,
+    trainable_state,
+)
+from server.report import build_metrics, write_report
+from server.strategy import RoundLog, make_strategy
+
+OUT_DIR_KEY = "out-dir"
+
+app = ServerApp()
+
+
+def run_folder(context: Context) -> Path:
+    configured = str(context.run_config.get(OUT_DIR_KEY, "") or "")
+    return Path(configured or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+class CentralEvaluation:
+    """Evaluates each round's global weights on the coordinator's held-out test file."""
+
+    def __init__(self, job: JobConfig, model):
+        self.model = model
+        self.upper = UpperStack(model, job.model.trainable_layers)
+        test = read_records(job.data.test_path, job.data.text_column, job.data.label_column)
+        self.labels = torch.tensor(test.label_ids(job.data.labels))
+        self.features = encode(model, job.model, test.texts, default_cache_dir())
+        self.results: dict[int, dict] = {}
+        self.started = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_trainable_state(self.model, arrays.to_torch_state_dict())
+        result = evaluate(self.upper, self.features, self.labels)
+        self.results[server_round] = dict(result, seconds=round(time.perf_counter() - self.started, 2))
+        return MetricRecord(result)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    job = JobConfig.from_json(str(context.run_config[RUN_CONFIG_KEY]))
+    if job.data.labels is None or job.data.test_path is None:
+        raise ValueError("the job must list data.labels and data.test_path before it reaches the coordinator")
+    out = run_folder(context)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model = build_model(job.model, job.data.labels, pick_device(job.training.device), seed=job.federation.seed)
+    initial = ArrayRecord(trainable_state(model))
+    evaluation = CentralEvaluation(job, model)
+    round_log = RoundLog()
+    strategy = make_strategy(job, round_log)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=job.federation.rounds,
+        timeout=job.federation.round_timeout,
+        evaluate_fn=evaluation,
+    )
+    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    save_model(model, job.data.labels, out / "model")
+    trainable, total = count_parameters(model)
+    extra = {
+        "model_path": model_path(job.model),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+    metrics = build_metrics(job, evaluation.results, round_log, extra)
+    write_report(out, metrics)

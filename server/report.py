@@ -1,0 +1,148 @@
+"""The run folder: metrics.json, report.md and the plots, built from what the coordinator saw."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import messages as m  # noqa: E402
+from common.config import JobConfig  # noqa: E402
+from server.strategy import RoundLog  # noqa: E402
+
+ACCOUNTANT_NAMES = {"rdp": "Rényi DP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
+
+
+def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: RoundLog, extra: dict) -> dict:
+    rounds = []
+    for rnd in sorted(evaluations):
+        replies = round_log.replies.get(rnd, {})
+        rounds.append(
+            {
+                "round": rnd,
+                **evaluations[rnd],
+                "train_loss": _mean([r[m.TRAIN_LOSS] for r in replies.values()]),
+                "bytes_up": sum(r["bytes_up"] for r in replies.values()),
+                "bytes_down": sum(r["bytes_down"] for r in replies.values()),
+                "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},
+            }
+        )
+    institutions = []
+    names = sorted({name for replies in round_log.replies.values() for name in replies})
+    for name in names:
+        history = [(rnd, round_log.replies[rnd][name]) for rnd in sorted(round_log.replies)
+                   if name in round_log.replies[rnd]]
+        last = history[-1][1]
+        institutions.append(
+            {
+                "name": name,
+                "examples": int(last[m.NUM_EXAMPLES]),
+                "epsilon": last[m.EPSILON],
+                "target_epsilon": job.privacy.target_epsilon,
+                "delta": last[m.DELTA],
+                "accountant": job.privacy.accountant,
+                "noise_multiplier": last[m.NOISE_MULTIPLIER],
+                "sample_rate": last[m.SAMPLE_RATE],
+                "max_grad_norm": last[m.MAX_GRAD_NORM],
+                "steps": int(last[m.TOTAL_STEPS]),
+                "rounds": len(history),
+                "bytes_up": sum(r["bytes_up"] for _, r in history),
+                "bytes_down": sum(r["bytes_down"] for _, r in history),
+                "train_seconds": sum(r[m.TRAIN_SECONDS] for _, r in history),
+                "epsilon_per_round": {str(rnd): r[m.EPSILON] for rnd, r in history},
+            }
+        )
+    return {"rounds": rounds, "institutions": institutions, "config": json.loads(job.to_json()), **extra}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(folder: Path, metrics: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "metrics.json", metrics)
+    _plot_accuracy(folder / "accuracy.png", metrics)
+    _plot_epsilon(folder / "epsilon.png", metrics)
+    (folder / "report.md").write_text(render_markdown(metrics), encoding="utf-8")
+
+
+def render_markdown(metrics: dict) -> str:
+    cfg = metrics["config"]
+    privacy = cfg["privacy"]
+    lines = [
+        "# fedtune run report",
+        "",
+        f"- Model: `{metrics.get('model_path', cfg['model']['path'])}`, LoRA rank {cfg['model']['lora_rank']} on the "
+        f"top {cfg['model']['trainable_layers']} layers; {metrics.get('trainable_parameters', '?')} trainable parameters travel.",
+        f"- Data: `{cfg['data']['train_path']}`; test `{cfg['data']['test_path']}`.",
+        f"- Federation: {cfg['federation']['institutions']} institutions, {cfg['federation']['rounds']} rounds, "
+        f"strategy {cfg['federation']['strategy']}, Dirichlet alpha {cfg['federation']['alpha']}.",
+        f"- Privacy: record-level DP-SGD on every institution; target epsilon {privacy['target_epsilon']} at delta "
+        f"{privacy['delta']}; accountant {ACCOUNTANT_NAMES[privacy['accountant']]} over each institution's whole "
+        f"history (all rounds, all local steps, Poisson sampling at the real rate); clipping {privacy['max_grad_norm']}.",
+        f"- Wall time: {metrics.get('wall_seconds', 0):.1f} s.",
+        "",
+        "## Rounds",
+        "",
+        "| round | accuracy | loss | mean train loss | bytes up | bytes down |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in metrics["rounds"]:
+        train_loss = "" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+        lines.append(
+            f"| {r['round']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {train_loss} | {r['bytes_up']:,} | {r['bytes_down']:,} |"
+        )
+    lines += [
+        "",
+        "## Institutions",
+        "",
+        "| institution | records | epsilon | target | delta | noise multiplier | sample rate | clip norm | steps | bytes up | bytes down |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for inst in metrics["institutions"]:
+        lines.append(
+            f"| {inst['name']} | {inst['examples']} | {inst['epsilon']:.3f} | {inst['target_epsilon']} | {inst['delta']:g} | "
+            f"{inst['noise_multiplier']:.4f} | {inst['sample_rate']:.4f} | {inst['max_grad_norm']} | {inst['steps']} | "
+            f"{inst['bytes_up']:,} | {inst['bytes_down']:,} |"
+        )
+    lines += ["", "![accuracy](accuracy.png)", "", "![epsilon](epsilon.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot_accuracy(path: Path, metrics: dict) -> None:
+    rounds = [r["round"] for r in metrics["rounds"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r["accuracy"] for r in metrics["rounds"]], marker="o")
+    ax.set(xlabel="round", ylabel="test accuracy", title="Global model accuracy", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_epsilon(path: Path, metrics: dict) -> None:
+    """Privacy burn-down: epsilon spent per institution per round, against its budget."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for inst in metrics["institutions"]:
+        points = sorted((int(k), v) for k, v in inst["epsilon_per_round"].items())
+        ax.plot([0] + [p[0] for p in points], [0.0] + [p[1] for p in points], marker="o", label=inst["name"])
+    target = metrics["config"]["privacy"]["target_epsilon"]
+    ax.axhline(target, color="red", linestyle="--", label=f"budget ε={target}")
+    ax.set(xlabel="round", ylabel="epsilon spent", title="Privacy spent per institution")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,143 @@
+"""`fedtune-sim`: N institutions fine-tune one model with DP on this machine.
+
+With no arguments it runs the embedded default job (all-MiniLM-L6-v2 + LoRA on BANKING77,
+4 non-IID banks, epsilon 8 each); `--config FILE` reads a job file and the flags below
+override single settings of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import tomli_w
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.config import ConfigError, JobConfig, load_config
+from common.data import DataError, read_records, label_set
+from common.model import ModelError
+from common.progress import ENV_VAR as PROGRESS_ENV, Follower
+from simulations.summary import print_summary
+
+# flag -> dotted config key; every flag here is a plain override of the job file.
+OVERRIDES = {
+    "institutions": ("federation.institutions", int, "number of simulated institutions"),
+    "rounds": ("federation.rounds", int, "federated rounds"),
+    "strategy": ("federation.strategy", str, "fedavg, fedprox or fedadam"),
+    "alpha": ("federation.alpha", float, "Dirichlet alpha of the non-IID label split"),
+    "seed": ("federation.seed", int, "seed of the split and of the initial model"),
+    "epsilon": ("privacy.target_epsilon", float, "epsilon each institution may spend over the job"),
+    "delta": ("privacy.delta", float, "delta of the (epsilon, delta) guarantee"),
+    "max_grad_norm": ("privacy.max_grad_norm", float, "per-record clipping bound"),
+    "accountant": ("privacy.accountant", str, "rdp or prv"),
+    "lora_rank": ("model.lora_rank", int, "LoRA rank"),
+    "trainable_layers": ("model.trainable_layers", int, "upper layers that get LoRA"),
+    "max_length": ("model.max_length", int, "tokens kept per text"),
+    "model": ("model.path", str, "local Hugging Face model directory"),
+    "local_epochs": ("training.local_epochs", float, "local passes over the data per round"),
+    "batch_size": ("training.batch_size", int, "expected records per DP-SGD step"),
+    "learning_rate": ("training.learning_rate", float, "local learning rate"),
+    "device": ("training.device", str, "auto, cpu, cuda or cuda:N"),
+    "train": ("data.train_path", Path, "training file (CSV, TSV or JSONL)"),
+    "test": ("data.test_path", Path, "held-out file the coordinator evaluates on"),
+    "text_column": ("data.text_column", str, "column holding the text"),
+    "label_column": ("data.label_column", str, "column holding the label"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune-sim", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="job file (TOML); defaults: `fedtune-sim --print-config`")
+    parser.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved job as TOML and exit")
+    parser.add_argument("--cpus-per-institution", type=float, default=1.0, help="CPU cores per simulated institution")
+    parser.add_argument("--gpus-per-institution", type=float, default=0.0, help="GPU share per simulated institution")
+    parser.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    for flag, (_, kind, text) in OVERRIDES.items():
+        parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=text)
+    return parser
+
+
+def resolve_job(args: argparse.Namespace) -> JobConfig:
+    """The job file plus overrides, with the label set read from the training file."""
+    job = load_config(args.config, {key: getattr(args, flag) for flag, (key, _, _) in OVERRIDES.items()})
+    if job.data.labels is None:
+        job.data.labels = label_set(read_records(job.data.train_path, job.data.text_column, job.data.label_column))
+    if job.data.test_path is None:
+        raise ConfigError("data.test_path: the simulation needs a held-out file to evaluate on")
+    read_records(job.data.test_path, job.data.text_column, job.data.label_column).label_ids(job.data.labels)
+    if job.training.threads == 0:
+        job.training.threads = 1
+    return job
+
+
+def follow_progress(path: Path, job: JobConfig, stop: threading.Event, console: Console) -> None:
+    """Show one bar per institution: round, local step and loss, from the institutions' events."""
+    follower = Follower(path)
+    columns = (
+        TextColumn("{task.description:<16}"),
+        TextColumn("round {task.fields[round]}/" + str(job.federation.rounds)),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, int] = {}
+        while not stop.is_set():
+            for event in follower.new_events():
+                name = event["institution"]
+                if name not in tasks:
+                    tasks[name] = progress.add_task(name, total=event["steps"], round="-", loss="-")
+                progress.update(
+                    tasks[name], completed=event["step"], total=event["steps"], round=event["round"],
+                    loss=f"{event['loss']:.3f}",
+                )
+            time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        job = resolve_job(args)
+    except (ConfigError, DataError, ModelError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+    if args.print_config:
+        sys.stdout.write(tomli_w.dumps(job.to_toml_dict()))
+        return 0
+    from simulations.engine import SimulationFailed, simulate  # heavy imports after validation
+
+    out = (args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    progress_file = out / "progress.jsonl"
+    progress_file.unlink(missing_ok=True)
+    os.environ[PROGRESS_ENV] = str(progress_file)
+    console.print(
+        f"fedtune-sim: {job.federation.institutions} institutions, {job.federation.rounds} rounds, "
+        f"epsilon {job.privacy.target_epsilon} (delta {job.privacy.delta:g}) each -> {out}"
+    )
+    stop = threading.Event()
+    display = threading.Thread(target=follow_progress, args=(progress_file, job, stop, console), daemon=True)
+    display.start()
+    try:
+        simulate(job, out, args.cpus_per_institution, args.gpus_per_institution, verbose=args.verbose)
+    except SimulationFailed as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 1
+    finally:
+        stop.set()
+        display.join()
+    print_summary(out, console)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

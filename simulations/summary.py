@@ -1,0 +1,40 @@
+"""End-of-run tables, printed from the run folder's metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(out: Path, console: Console) -> None:
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    budget = metrics["config"]["privacy"]["target_epsilon"]
+    names = [inst["name"] for inst in metrics["institutions"]]
+
+    rounds = Table(title="Global model per round (coordinator's test split)")
+    for column in ("round", "accuracy", "loss", "mean train loss", *[f"ε {n}" for n in names]):
+        rounds.add_column(column, justify="right")
+    for r in metrics["rounds"]:
+        train_loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
+        spent = [f"{r['epsilon'][n]:.2f}/{budget:g}" if n in r["epsilon"] else "-" for n in names]
+        rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.3f}", train_loss, *spent)
+    console.print(rounds)
+
+    institutions = Table(title="Institutions (whole job)")
+    for column in ("institution", "examples", "epsilon", "delta", "noise mult.", "sample rate", "clip norm",
+                   "steps", "bytes sent", "bytes received"):
+        institutions.add_column(column, justify="right")
+    for inst in metrics["institutions"]:
+        institutions.add_row(
+            inst["name"], str(inst["examples"]), f"{inst['epsilon']:.3f} / {inst['target_epsilon']:g}",
+            f"{inst['delta']:g}", f"{inst['noise_multiplier']:.4f}", f"{inst['sample_rate']:.4f}",
+            f"{inst['max_grad_norm']:g}", str(inst["steps"]), f"{inst['bytes_up']:,}", f"{inst['bytes_down']:,}",
+        )
+    console.print(institutions)
+    console.print(
+        f"accountant: {metrics['config']['privacy']['accountant']} over all rounds and local steps; "
+        f"wall time {metrics['wall_seconds']:.1f} s; run folder {out}"
+    )

@@ -1,0 +1,60 @@
+"""Shared fixtures: small slices of the real BANKING77 files and the real packaged model."""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import BANKING77, ModelConfig
+
+SLICE_LABELS = 6
+
+
+def write_slice(source: Path, target: Path, labels: list[str], per_label: int) -> Path:
+    with source.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    taken: Counter[str] = Counter()
+    kept = []
+    for row in rows:
+        if row["category"] in labels and taken[row["category"]] < per_label:
+            taken[row["category"]] += 1
+            kept.append(row)
+    with target.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(kept)
+    return target
+
+
+@pytest.fixture(scope="session")
+def slice_labels() -> list[str]:
+    with (BANKING77 / "train.csv").open(encoding="utf-8", newline="") as handle:
+        return sorted({row["category"] for row in csv.DictReader(handle)})[:SLICE_LABELS]
+
+
+@pytest.fixture(scope="session")
+def banking_slice(tmp_path_factory, slice_labels) -> tuple[Path, Path]:
+    """(train, test) CSV files: a few real BANKING77 intents, a few dozen records each."""
+    folder = tmp_path_factory.mktemp("banking_slice")
+    train = write_slice(BANKING77 / "train.csv", folder / "train.csv", slice_labels, 40)
+    test = write_slice(BANKING77 / "test.csv", folder / "test.csv", slice_labels, 15)
+    return train, test
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Feature caches of the tests never mix with a user's own cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDTUNE_CACHE_DIR", str(tmp_path_factory.mktemp("fedtune-cache")))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def model_config() -> ModelConfig:
+    return ModelConfig(trainable_layers=1, max_length=32, lora_rank=4)

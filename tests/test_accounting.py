@@ -1,0 +1,68 @@
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.accounting import compact, epsilon, plan_noise, sample_rate, steps_per_round
+
+
+def test_sample_rate_matches_opacus_dataloader():
+    # Opacus' DPDataLoader samples at 1 / len(data_loader) = 1 / ceil(records / batch).
+    assert sample_rate(10003, 256) == 1 / 40
+    assert sample_rate(100, 256) == 1.0
+    assert steps_per_round(2500, 256, 1.0) == 10
+    assert steps_per_round(2500, 256, 0.25) == 2  # round(2.5) -> banker's rounding to 2
+    assert steps_per_round(10, 256, 0.1) == 1
+
+
+def test_history_is_compacted_like_opacus():
+    assert compact([(1.0, 0.1, 5), (1.0, 0.1, 5), (2.0, 0.1, 1), (1.0, 0.1, 2)]) == [
+        (1.0, 0.1, 10),
+        (2.0, 0.1, 1),
+        (1.0, 0.1, 2),
+    ]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_after_three_rounds_is_the_accountant_value_for_all_steps(accountant):
+    """Continuity: three rounds of 40 steps are one history of 120 steps, not 3 x epsilon(40)."""
+    per_round = [(0.9, 0.05, 40)] * 3
+    together = epsilon([(0.9, 0.05, 120)], 1e-5, accountant)
+    assert epsilon(per_round, 1e-5, accountant) == pytest.approx(together, rel=1e-9)
+    assert together < 3 * epsilon([(0.9, 0.05, 40)], 1e-5, accountant)  # composition is sub-additive here
+    assert together > epsilon([(0.9, 0.05, 40)], 1e-5, accountant)
+
+
+def test_epsilon_matches_a_directly_driven_opacus_accountant():
+    acc = RDPAccountant()
+    for _ in range(30):
+        acc.step(noise_multiplier=1.1, sample_rate=0.02)
+    for _ in range(20):
+        acc.step(noise_multiplier=0.8, sample_rate=0.04)
+    assert epsilon([(1.1, 0.02, 30), (0.8, 0.04, 20)], 1e-6, "rdp") == pytest.approx(acc.get_epsilon(1e-6))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize(("records", "batch", "epochs", "rounds", "target"), [(2500, 256, 1.0, 5, 8.0), (600, 64, 2.0, 3, 1.0)])
+def test_planned_noise_ends_just_within_target(accountant, records, batch, epochs, rounds, target):
+    plan = plan_noise(
+        records=records, batch_size=batch, local_epochs=epochs, rounds=rounds,
+        target_epsilon=target, delta=1e-5, accountant=accountant,
+    )
+    spent = epsilon(plan.history(rounds), 1e-5, accountant)
+    assert spent <= target
+    assert spent >= 0.97 * target  # not wastefully noisy
+    assert plan.total_steps == rounds * steps_per_round(records, batch, epochs)
+
+
+def test_plan_after_earlier_spending_fits_the_rest_of_the_budget():
+    earlier = [(1.0, 0.1, 50)]
+    plan = plan_noise(
+        records=1000, batch_size=100, local_epochs=1, rounds=4,
+        target_epsilon=6.0, delta=1e-5, accountant="rdp", spent=earlier,
+    )
+    total = epsilon(earlier + plan.history(4), 1e-5, "rdp")
+    assert 0.97 * 6.0 <= total <= 6.0
+    with pytest.raises(ValueError, match="already spent"):
+        plan_noise(
+            records=1000, batch_size=100, local_epochs=1, rounds=4,
+            target_epsilon=0.5, delta=1e-5, accountant="rdp", spent=earlier,
+        )
