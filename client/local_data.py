@@ -8,13 +8,14 @@ seed, so every simulated institution computes the same split on its own.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.config import JobConfig
-from common.data import Records, read_records
+from common.data import Records, file_fingerprint, read_records
 from common.partition import dirichlet_partition
 
 PARTITION_ID = "partition-id"
@@ -23,11 +24,14 @@ DATA_PATH = "data-path"
 NAME = "name"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LocalData:
+    """Hashed by identity: loaders below return the same object for the same data."""
+
     name: str
     records: Records
     labels: torch.Tensor  # label ids in the job's label order
+    fingerprint: str  # names the data set in the privacy ledger: same records, same budget
 
 
 def institution_name(node_config: dict) -> str:
@@ -39,15 +43,18 @@ def institution_name(node_config: dict) -> str:
 def load_local_data(job: JobConfig, node_config: dict) -> LocalData:
     data = job.data
     if DATA_PATH in node_config:
-        return _whole_file(str(node_config[DATA_PATH]), data.text_column, data.label_column, tuple(data.labels))
+        return _whole_file(
+            str(node_config[DATA_PATH]), data.text_column, data.label_column, tuple(data.labels),
+            institution_name(node_config),
+        )
     return _simulated_share(job.model_dump_json(include={"data", "federation"}), int(node_config[PARTITION_ID]),
                             int(node_config[NUM_PARTITIONS]), institution_name(node_config))
 
 
 @functools.lru_cache(maxsize=2)
-def _whole_file(path: str, text_column: str, label_column: str, labels: tuple[str, ...]) -> LocalData:
+def _whole_file(path: str, text_column: str, label_column: str, labels: tuple[str, ...], name: str) -> LocalData:
     records = read_records(Path(path), text_column, label_column)
-    return LocalData(Path(path).stem, records, torch.tensor(records.label_ids(labels)))
+    return LocalData(name, records, torch.tensor(records.label_ids(labels)), file_fingerprint(Path(path)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,4 +65,6 @@ def _simulated_share(job_json: str, partition: int, partitions: int, name: str) 
     fed = job.federation
     shares = dirichlet_partition(label_ids, partitions, fed.alpha, fed.seed, fed.min_examples)
     share = shares[partition]
-    return LocalData(name, records.subset(share), torch.tensor([label_ids[i] for i in share]))
+    digest = hashlib.sha256(file_fingerprint(job.data.train_path).encode())
+    digest.update(",".join(map(str, share)).encode())
+    return LocalData(name, records.subset(share), torch.tensor([label_ids[i] for i in share]), digest.hexdigest())

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import HistoryEntry, NoisePlan, compact
-from common.model import Features, UpperStack, batch_to
+from common.model import Features, UpperStack
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -47,21 +47,29 @@ def train_dp(
     labels: torch.Tensor,
     plan: NoisePlan,
     *,
+    steps: int,
     max_grad_norm: float,
     learning_rate: float,
+    adapter_learning_rate: float,
     accountant: str,
     history: list[HistoryEntry],
     proximal_mu: float = 0.0,
     on_step: StepCallback | None = None,
 ) -> LocalResult:
-    """Run `plan.steps_per_round` DP-SGD steps; return the accountant's history after them."""
+    """Run `steps` DP-SGD steps of `plan`'s mechanism; return the accountant's history after them."""
     device = next(upper.parameters()).device
     generator = _secret_generator(torch.device("cpu"))
-    dataset = TensorDataset(features.hidden, features.mask, labels)
+    dataset = TensorDataset(torch.arange(len(features)), labels)
     loader = DataLoader(dataset, batch_size=plan.batch_size, generator=generator)
     params = [p for p in upper.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    anchors = {id(p): p.detach().clone() for p in params} if proximal_mu > 0 else {}
+    head = {id(p) for p in upper.model.head.parameters()}
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [p for p in params if id(p) in head], "lr": learning_rate},
+            {"params": [p for p in params if id(p) not in head], "lr": adapter_learning_rate},
+        ]
+    )
     engine = PrivacyEngine(accountant=accountant)
     engine.accountant.history = compact(history)
     module, optimizer, loader = engine.make_private(
@@ -79,24 +87,24 @@ def train_dp(
     losses: list[float] = []
     batches = _batches(loader)
     try:
-        for step in range(1, plan.steps_per_round + 1):
-            hidden, mask, target = next(batches)
-            hidden, mask = batch_to(hidden, mask, device)
+        for step in range(1, steps + 1):
+            rows, target = next(batches)
             optimizer.zero_grad(set_to_none=True)
-            logits = module(hidden, mask)
+            logits = module(*features.batch(rows, device))
             loss = nn.functional.cross_entropy(logits, target.to(device))
             loss.backward()
             optimizer.step()
-            if anchor:
+            if anchors:
                 # FedProx' proximal pull towards the global model. It does not depend on the
                 # data, so it is applied after the private step and costs no privacy.
                 with torch.no_grad():
-                    for p, p0 in zip(params, anchor):
-                        p.sub_(learning_rate * proximal_mu * (p - p0))
+                    for group in optimizer.param_groups:
+                        for p in group["params"]:
+                            p.sub_(group["lr"] * proximal_mu * (p - anchors[id(p)]))
             if len(target):
                 losses.append(float(loss))
             if on_step is not None:
-                on_step(step, plan.steps_per_round, losses[-1] if losses else float("nan"))
+                on_step(step, steps, losses[-1] if losses else float("nan"))
     finally:
         module._close()
     if not losses:

@@ -102,7 +102,7 @@ def _noise_after(
 ) -> float:
     """Bisection for the noise whose steps, after `spent`, end at `target` (from above)."""
     if epsilon(spent, delta, accountant) >= target:
-        raise ValueError("the budget is already spent")
+        raise ValueError(f"the budget of epsilon {target:g} is already spent")
     low, high = 0.0, 10.0
     while epsilon([*spent, (high, rate, steps)], delta, accountant) > target:
         low, high = high, 2 * high

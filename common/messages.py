@@ -9,7 +9,9 @@ NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 TRAIN_LOSS = "train-loss"
 FIRST_LOSS = "first-loss"
 LAST_LOSS = "last-loss"
-EPSILON = "epsilon"
+EPSILON = "epsilon"  # spent by this job, over all its rounds so far
+DATASET_EPSILON = "dataset-epsilon"  # spent on the data set by every job so far, this one included
+BUDGET_EPSILON = "budget-epsilon"  # the institution's budget for the data set
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
@@ -19,8 +21,13 @@ MAX_GRAD_NORM = "max-grad-norm"
 TRAIN_SECONDS = "train-seconds"
 
 # Record names in a train reply (beside Flower's "arrays" and "metrics").
-INFO = "info"  # ConfigRecord with the institution's name
+INFO = "info"  # ConfigRecord with the institution's name and accountant
 INSTITUTION = "institution"
+ACCOUNTANT = "accountant"
+
+# An institution that declines a round (budget spent) fails it with this marker, its name in
+# brackets, and the reason; the coordinator logs it and carries on with the others.
+DECLINED = "fedtune-declined"
 
 # Keys of the train instruction's ConfigRecord (beside Flower's own "server-round").
 SERVER_ROUND = "server-round"

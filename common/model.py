@@ -29,6 +29,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from common.config import ModelConfig
 
 ENCODE_BATCH = 128
+FEATURES_FORMAT = 2  # bump when what `encode` caches changes meaning
 
 
 class ModelError(ValueError):
@@ -87,7 +88,6 @@ class TextClassifier(nn.Module):
     def __init__(self, backbone: PeftModel, num_labels: int):
         super().__init__()
         self.backbone = backbone
-        self.dropout = nn.Dropout(backbone.config.hidden_dropout_prob)
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
 
     @property
@@ -97,7 +97,7 @@ class TextClassifier(nn.Module):
     def classify(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        return self.head(pooled)  # no dropout: DP noise already regularises
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **tokenizer_extras) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **tokenizer_extras).last_hidden_state
@@ -114,13 +114,15 @@ def build_model(config: ModelConfig, labels: list[str], device: torch.device, se
     # Move before wrapping: peft adapters created on the CPU and moved later break
     # Opacus' per-sample gradients (opacus issue 820).
     backbone.to(device)
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_targets,
-        layers_to_transform=list(range(layers - config.trainable_layers, layers)),
-    )
+    if config.adapt == "top_ffn_output":
+        # A regex, matched against whole module names: only the last layer's FFN output projection.
+        targets: dict = {"target_modules": rf".*\.layer\.{layers - 1}\.output\.dense"}
+    else:
+        targets = {
+            "target_modules": config.lora_targets,
+            "layers_to_transform": list(range(layers - config.trainable_layers, layers)),
+        }
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, **targets)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TextClassifier(get_peft_model(backbone, lora), len(labels)).to(device)
@@ -130,7 +132,8 @@ def build_model(config: ModelConfig, labels: list[str], device: torch.device, se
 
 
 def trainable_state(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    return OrderedDict((name, p.detach().cpu()) for name, p in model.named_parameters() if p.requires_grad)
+    """A copy of the weights that travel (on the CPU, the same tensors would alias the live ones)."""
+    return OrderedDict((name, p.detach().cpu().clone()) for name, p in model.named_parameters() if p.requires_grad)
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -151,18 +154,44 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class Features:
-    """Lower-layer hidden states of a list of texts, padded to the longest text."""
+    """What the frozen part of the model computes for a list of texts, one row per real token.
 
-    hidden: torch.Tensor  # [records, tokens, width], float16 to halve memory
-    mask: torch.Tensor  # [records, tokens], 1 for real tokens
+    Packed (no padding) because texts are short and uneven; `batch` pads only to the longest
+    text of the records asked for. Rows are float32 so that batches need no conversion, with
+    one zero row at the end that padding positions point at.
+    """
+
+    values: torch.Tensor  # [tokens of all texts + 1, width]
+    lengths: torch.Tensor  # [records]
+
+    @classmethod
+    def pack(cls, per_text: list[torch.Tensor]) -> Features:
+        width = per_text[0].shape[-1]
+        values = torch.cat([*per_text, torch.zeros(1, width, dtype=per_text[0].dtype)])
+        return cls(values.float(), torch.tensor([len(t) for t in per_text]))
+
+    def __post_init__(self) -> None:
+        self.values = self.values.float()
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
 
     def __len__(self) -> int:
-        return self.hidden.shape[0]
+        return len(self.lengths)
+
+    def batch(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [records, tokens, width], mask [records, tokens]) for `rows`."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 1
+        positions = torch.arange(width)
+        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
+        index = torch.where(mask, self.offsets[rows].unsqueeze(1) + positions, len(self.values) - 1)
+        return self.values[index].to(device), mask.long().to(device)
 
 
 def _features_key(config: ModelConfig, texts: list[str]) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{model_path(config)}|{config.max_length}|{config.trainable_layers}".encode())
+    digest.update(
+        f"{FEATURES_FORMAT}|{model_path(config)}|{config.max_length}|{config.adapt}|{config.trainable_layers}".encode()
+    )
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
@@ -176,7 +205,7 @@ def default_cache_dir() -> Path:
 def encode(
     model: TextClassifier, config: ModelConfig, texts: list[str], cache_dir: Path | None = None
 ) -> Features:
-    """Run the frozen lower layers over `texts` once; reuse the result from `cache_dir` if there.
+    """Run the frozen part of the model over `texts` once; reuse the result from `cache_dir` if there.
 
     The cache is keyed by model, length limit, split point and the texts themselves, and is
     written atomically, so concurrent or killed writers never leave a half file behind.
@@ -186,85 +215,113 @@ def encode(
         cache_file = Path(cache_dir) / "features" / f"{_features_key(config, texts)}.pt"
         if cache_file.is_file():
             return Features(**torch.load(cache_file))
-    features = _run_lower_layers(model, config, texts)
+    features = _run_frozen_part(model, config, texts)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"hidden": features.hidden, "mask": features.mask}, tmp)
+        torch.save({"values": features.values.half(), "lengths": features.lengths}, tmp)
         os.replace(tmp, cache_file)
     return features
 
 
+def _attention_mask(config, hidden: torch.Tensor, mask: torch.Tensor):
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+
+
 def _run_layers(layers, config, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    attention = create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+    attention = _attention_mask(config, hidden, mask)
     for layer in layers:
         out = layer(hidden, attention_mask=attention)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-@torch.no_grad()
-def _run_lower_layers(model: TextClassifier, config: ModelConfig, texts: list[str]) -> Features:
-    tokenizer = load_tokenizer(model_path(config))
+def _frozen_forward(model: TextClassifier, config: ModelConfig, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token ids -> the input of the first trainable module (see `ModelConfig.adapt`)."""
     encoder = model.encoder
-    lower = encoder.encoder.layer[: len(encoder.encoder.layer) - config.trainable_layers]
+    layers = encoder.encoder.layer
+    frozen_layers = len(layers) - (1 if config.adapt == "top_ffn_output" else config.trainable_layers)
+    hidden = _run_layers(layers[:frozen_layers], encoder.config, encoder.embeddings(input_ids=ids), mask)
+    if config.adapt == "top_layers":
+        return hidden
+    # top_ffn_output: everything but the adapter's own contribution is fixed, including the
+    # frozen projection itself, so cache its input and the pre-LayerNorm sum without the adapter.
+    top = layers[-1]
+    attended = top.attention(hidden, _attention_mask(encoder.config, hidden, mask))[0]
+    inner = top.intermediate(attended)
+    return torch.cat([inner, top.output.dense.base_layer(inner) + attended], dim=-1)
+
+
+@torch.no_grad()
+def _run_frozen_part(model: TextClassifier, config: ModelConfig, texts: list[str]) -> Features:
+    tokens = load_tokenizer(model_path(config))(texts, truncation=True, max_length=config.max_length)["input_ids"]
     device = next(model.parameters()).device
-    tokens = tokenizer(texts, truncation=True, max_length=config.max_length)["input_ids"]
-    width = max(len(ids) for ids in tokens)
-    hidden = torch.zeros(len(texts), width, encoder.config.hidden_size, dtype=torch.float16)
-    mask = torch.zeros(len(texts), width, dtype=torch.long)
     order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))  # similar lengths pad little
+    per_text: list[torch.Tensor] = [torch.empty(0)] * len(texts)
     was_training = model.training
     model.eval()
     for start in range(0, len(order), ENCODE_BATCH):
         rows = order[start : start + ENCODE_BATCH]
-        batch = tokenizer.pad({"input_ids": [tokens[i] for i in rows]}, return_tensors="pt")
-        ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = _run_layers(lower, encoder.config, encoder.embeddings(input_ids=ids), attn)
-        hidden[rows, : ids.shape[1]] = out.to("cpu", torch.float16)
-        mask[rows, : ids.shape[1]] = attn.cpu()
+        width = max(len(tokens[i]) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for j, i in enumerate(rows):
+            ids[j, : len(tokens[i])] = torch.tensor(tokens[i])
+            mask[j, : len(tokens[i])] = 1
+        out = _frozen_forward(model, config, ids.to(device), mask.to(device)).to("cpu", torch.float16)
+        for j, i in enumerate(rows):
+            per_text[i] = out[j, : len(tokens[i])]
     model.train(was_training)
-    return Features(hidden, mask)
+    return Features.pack(per_text)
 
 
 class UpperStack(nn.Module):
-    """The upper encoder layers and the head of a `TextClassifier`, fed with `Features`.
+    """The trainable end of a `TextClassifier`, fed with `Features` instead of token ids.
 
     It shares every parameter with the classifier it was made from, so training it trains
     that classifier.
     """
 
-    def __init__(self, model: TextClassifier, trainable_layers: int):
+    def __init__(self, model: TextClassifier, config: ModelConfig):
         super().__init__()
         self.model = model
+        self.adapt = config.adapt
         layers = model.encoder.encoder.layer
-        self.layers = nn.ModuleList(layers[len(layers) - trainable_layers :])
+        top = 1 if config.adapt == "top_ffn_output" else config.trainable_layers
+        self.layers = nn.ModuleList(layers[len(layers) - top :])
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = _run_layers(self.layers, self.model.encoder.config, hidden, mask)
+        if self.adapt == "top_ffn_output":
+            hidden = self._adapted_ffn_output(hidden)
+        else:
+            hidden = _run_layers(self.layers, self.model.encoder.config, hidden, mask)
         return self.model.classify(hidden, mask)
 
+    def _adapted_ffn_output(self, cached: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(frozen projection + residual + LoRA delta), the last layer's output.
 
-def batch_to(hidden: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trim a padded batch to its longest record and move it to the device in float32."""
-    width = int(mask.sum(dim=1).max()) if len(mask) else 1
-    return hidden[:, :width].to(device, torch.float32), mask[:, :width].to(device)
+        The layer's dropout is left out: the first two terms come from the cache, and DP noise
+        already regularises training.
+        """
+        output = self.layers[-1].output
+        projection = output.dense  # a peft LoRA Linear
+        inner, fixed = cached.split([projection.in_features, cached.shape[-1] - projection.in_features], dim=-1)
+        name = projection.active_adapters[0]
+        lora_input = projection.lora_dropout[name](inner)
+        delta = projection.lora_B[name](projection.lora_A[name](lora_input)) * projection.scaling[name]
+        return output.LayerNorm(fixed + delta)
 
 
 @torch.no_grad()
-def evaluate(
-    upper: UpperStack, features: Features, labels: torch.Tensor, batch_size: int = 256
-) -> dict[str, float]:
+def evaluate(upper: UpperStack, features: Features, labels: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
     """Accuracy and mean cross-entropy of the model on cached features."""
     device = next(upper.parameters()).device
     upper.eval()
     correct, loss_sum = 0, 0.0
     for start in range(0, len(features), batch_size):
-        hidden, mask = batch_to(
-            features.hidden[start : start + batch_size], features.mask[start : start + batch_size], device
-        )
-        target = labels[start : start + batch_size].to(device)
-        logits = upper(hidden, mask)
+        rows = torch.arange(start, min(start + batch_size, len(features)))
+        logits = upper(*features.batch(rows, device))
+        target = labels[rows].to(device)
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
         correct += int((logits.argmax(dim=1) == target).sum())
     upper.train()

@@ -48,7 +48,7 @@ class CentralEvaluation:
 
     def __init__(self, job: JobConfig, model):
         self.model = model
-        self.upper = UpperStack(model, job.model.trainable_layers)
+        self.upper = UpperStack(model, job.model)
         test = read_records(job.data.test_path, job.data.text_column, job.data.label_column)
         self.labels = torch.tensor(test.label_ids(job.data.labels))
         self.features = encode(model, job.model, test.texts, default_cache_dir())
@@ -82,7 +82,8 @@ def main(grid: Grid, context: Context) -> None:
         timeout=job.federation.round_timeout,
         evaluate_fn=evaluation,
     )
-    load_trainable_state(model, result.arrays.to_torch_state_dict())
+    final = result.arrays if len(result.arrays) else initial  # empty when every round was declined
+    load_trainable_state(model, final.to_torch_state_dict())
     save_model(model, job.data.labels, out / "model")
     trainable, total = count_parameters(model)
     extra = {

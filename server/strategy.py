@@ -8,15 +8,21 @@ instead of silently averaging the survivors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from common import messages as m
 from common.config import JobConfig
+
+
+DECLINED_REASON = re.compile(re.escape(m.DECLINED) + r"\[([^\]]+)\]: ([^'\n]*)")
 
 
 class InstitutionFailed(RuntimeError):
@@ -29,6 +35,7 @@ class RoundLog:
 
     replies: dict[int, dict[str, dict]] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
+    declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> reason
 
     def add(self, server_round: int, institution: str, metrics: dict, bytes_up: int) -> None:
         entry = dict(metrics, bytes_up=bytes_up, bytes_down=self.bytes_down.get(server_round, 0))
@@ -46,14 +53,25 @@ def _with_round_log(base: type[Strategy]) -> type[Strategy]:
             return super().configure_train(server_round, arrays, config, grid)
 
         def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-            replies = list(replies)
+            trained = []
             for reply in replies:
                 if reply.has_error():
-                    raise InstitutionFailed(f"round {server_round}: an institution failed: {reply.error.reason}")
-                name = str(reply.content.config_records[m.INFO][m.INSTITUTION])
-                metrics = dict(reply.content.metric_records["metrics"])
-                self.round_log.add(server_round, name, metrics, reply.content.array_records["arrays"].count_bytes())
-            return super().aggregate_train(server_round, replies)
+                    self._declined_or_fail(server_round, reply.error.reason)
+                    continue
+                info = reply.content.config_records[m.INFO]
+                metrics = dict(reply.content.metric_records["metrics"], accountant=str(info[m.ACCOUNTANT]))
+                bytes_up = reply.content.array_records["arrays"].count_bytes()
+                self.round_log.add(server_round, str(info[m.INSTITUTION]), metrics, bytes_up)
+                trained.append(reply)
+            return super().aggregate_train(server_round, trained)
+
+        def _declined_or_fail(self, server_round: int, reason: str) -> None:
+            declined = DECLINED_REASON.search(reason)
+            if declined is None:
+                raise InstitutionFailed(f"round {server_round}: an institution failed: {reason}")
+            name, why = declined.groups()
+            log(WARNING, "round %s: %s declined: %s", server_round, name, why)
+            self.round_log.declined.setdefault(server_round, {})[name] = why
 
     Logged.__name__ = Logged.__qualname__ = base.__name__
     return Logged

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.config import ConfigError, JobConfig, load_config
-from common.data import DataError, read_records, label_set
+from common.data import DataError, label_set, read_records
 from common.model import ModelError
 from common.progress import ENV_VAR as PROGRESS_ENV, Follower
 from simulations.summary import print_summary
@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune-sim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, help="job file (TOML); defaults: `fedtune-sim --print-config`")
     parser.add_argument("--out", type=Path, help="run folder (default runs/<timestamp>)")
+    parser.add_argument(
+        "--state-dir", type=Path,
+        help="where simulated institutions keep their privacy ledgers (default <out>/institutions); "
+        "reuse it to make later jobs draw on the same budgets",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved job as TOML and exit")
     parser.add_argument("--cpus-per-institution", type=float, default=1.0, help="CPU cores per simulated institution")
     parser.add_argument("--gpus-per-institution", type=float, default=0.0, help="GPU share per simulated institution")
@@ -102,9 +107,23 @@ def follow_progress(path: Path, job: JobConfig, stop: threading.Event, console: 
             time.sleep(0.2)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, deprecation notices) would bury the progress display."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="opacus")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # logs and pipes: keep table rows on one line
     try:
         job = resolve_job(args)
     except (ConfigError, DataError, ModelError) as exc:
@@ -114,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(tomli_w.dumps(job.to_toml_dict()))
         return 0
     from simulations.engine import SimulationFailed, simulate  # heavy imports after validation
+
+    if not args.verbose:
+        _quiet_libraries()
 
     out = (args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     display = threading.Thread(target=follow_progress, args=(progress_file, job, stop, console), daemon=True)
     display.start()
     try:
-        simulate(job, out, args.cpus_per_institution, args.gpus_per_institution, verbose=args.verbose)
+        simulate(
+            job, out, (args.state_dir or out / "institutions").resolve(), args.cpus_per_institution,
+            args.gpus_per_institution, verbose=args.verbose,
+        )
     except SimulationFailed as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return 1

@@ -19,6 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
+from client.app import STATE_DIR_ENV
 from client.app import app as client_app
 from common.config import REPO_ROOT, RUN_CONFIG_KEY, JobConfig
 from common.flower_env import quiet_flower
@@ -45,13 +46,16 @@ class SimulationFailed(RuntimeError):
 def simulate(
     job: JobConfig,
     out: Path,
+    state_dir: Path,
     cpus_per_institution: float = 1.0,
     gpus_per_institution: float = 0.0,
     verbose: bool = False,
 ) -> None:
-    """Run `job` with `job.federation.institutions` simulated institutions; results go to `out`."""
+    """Run `job` with `job.federation.institutions` simulated institutions; results go to `out`,
+    institution `name`'s privacy ledger to `state_dir/name`."""
     if not verbose:
         quiet_flower()
+    os.environ[STATE_DIR_ENV] = str(state_dir)
     run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out)}
     run = _new_run(run_config)
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 def print_summary(out: Path, console: Console) -> None:
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    budget = metrics["config"]["privacy"]["target_epsilon"]
+    budgets = {inst["name"]: inst["budget_epsilon"] for inst in metrics["institutions"]}
     names = [inst["name"] for inst in metrics["institutions"]]
 
     rounds = Table(title="Global model per round (coordinator's test split)")
@@ -19,22 +19,27 @@ def print_summary(out: Path, console: Console) -> None:
         rounds.add_column(column, justify="right")
     for r in metrics["rounds"]:
         train_loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
-        spent = [f"{r['epsilon'][n]:.2f}/{budget:g}" if n in r["epsilon"] else "-" for n in names]
+        spent = [
+            f"{r['epsilon'][n]:.2f}/{budgets[n]:g}" if n in r["epsilon"] else ("declined" if n in r["declined"] else "-")
+            for n in names
+        ]
         rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.3f}", train_loss, *spent)
     console.print(rounds)
 
     institutions = Table(title="Institutions (whole job)")
-    for column in ("institution", "examples", "epsilon", "delta", "noise mult.", "sample rate", "clip norm",
-                   "steps", "bytes sent", "bytes received"):
+    for column in ("institution", "records", "ε job", "ε data set/budget", "delta", "noise", "sample rate",
+                   "clip", "steps", "bytes sent", "bytes recv."):
         institutions.add_column(column, justify="right")
     for inst in metrics["institutions"]:
         institutions.add_row(
-            inst["name"], str(inst["examples"]), f"{inst['epsilon']:.3f} / {inst['target_epsilon']:g}",
+            inst["name"], str(inst["examples"]), f"{inst['epsilon']:.3f}",
+            f"{inst['dataset_epsilon']:.3f}/{inst['budget_epsilon']:g}",
             f"{inst['delta']:g}", f"{inst['noise_multiplier']:.4f}", f"{inst['sample_rate']:.4f}",
             f"{inst['max_grad_norm']:g}", str(inst["steps"]), f"{inst['bytes_up']:,}", f"{inst['bytes_down']:,}",
         )
     console.print(institutions)
+    accountants = ", ".join(sorted({inst["accountant"] for inst in metrics["institutions"]}))
     console.print(
-        f"accountant: {metrics['config']['privacy']['accountant']} over all rounds and local steps; "
+        f"accountant: {accountants} over each data set's whole released history; "
         f"wall time {metrics['wall_seconds']:.1f} s; run folder {out}"
     )

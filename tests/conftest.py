@@ -55,6 +55,14 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
-@pytest.fixture(scope="session")
-def model_config() -> ModelConfig:
-    return ModelConfig(trainable_layers=1, max_length=32, lora_rank=4)
+@pytest.fixture(
+    scope="session",
+    params=[
+        {"adapt": "top_ffn_output"},
+        {"adapt": "top_layers", "trainable_layers": 2, "lora_targets": ["query", "value", "dense"]},
+    ],
+    ids=["top_ffn_output", "top_layers"],
+)
+def model_config(request) -> ModelConfig:
+    """Both ways of placing the adapters, on the real packaged model."""
+    return ModelConfig(max_length=32, lora_rank=4, **request.param)

@@ -1,0 +1,55 @@
+import torch
+
+from client.trainer import train_dp
+from common.accounting import epsilon, plan_noise
+from common.data import read_records
+from common.model import UpperStack, build_model, encode, trainable_state
+
+
+def _setup(model_config, slice_labels, banking_slice):
+    model = build_model(model_config, slice_labels, torch.device("cpu"))
+    records = read_records(banking_slice[0], "text", "category")
+    features = encode(model, model_config, records.texts)
+    labels = torch.tensor(records.label_ids(slice_labels))
+    plan = plan_noise(
+        records=len(records), batch_size=64, local_epochs=1.0, rounds=3,
+        target_epsilon=8.0, delta=1e-5, accountant="prv",
+    )
+    return model, features, labels, plan
+
+
+def _train(model, model_config, features, labels, plan, history):
+    return train_dp(
+        UpperStack(model, model_config), features, labels, plan, steps=plan.steps_per_round,
+        max_grad_norm=1.0, learning_rate=0.05, adapter_learning_rate=0.01, accountant="prv", history=history,
+    )
+
+
+def test_lora_weights_change_after_dp_steps(model_config, slice_labels, banking_slice):
+    """Opacus issue 820: peft adapters can silently receive no per-sample gradients."""
+    model, features, labels, plan = _setup(model_config, slice_labels, banking_slice)
+    before = trainable_state(model)
+    _train(model, model_config, features, labels, plan, [])
+    after = trainable_state(model)
+    lora_b = [name for name in before if "lora_B" in name]
+    lora_a = [name for name in before if "lora_A" in name]
+    assert lora_a and lora_b
+    for name in before:
+        assert not torch.equal(before[name], after[name]), f"{name} did not change"
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(p.grad is None for p in frozen.values())
+
+
+def test_accountant_continues_across_rounds_and_loss_falls(model_config, slice_labels, banking_slice):
+    model, features, labels, plan = _setup(model_config, slice_labels, banking_slice)
+    history = []
+    losses = []
+    for _ in range(3):
+        result = _train(model, model_config, features, labels, plan, history)
+        history = result.history
+        losses.append(result.mean_loss)
+    assert history == [(plan.noise_multiplier, plan.sample_rate, 3 * plan.steps_per_round)]
+    assert epsilon(history, 1e-5, "prv") <= 8.0
+    one_round = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    assert epsilon(history, 1e-5, "prv") > epsilon(one_round, 1e-5, "prv")
+    assert losses[-1] < losses[0]
