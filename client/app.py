@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.ledger import Budget, BudgetExhausted, PrivacyLedger
+from client.ledger import LEDGER_FILE, Budget, BudgetExhausted, PrivacyLedger
 from client.local_data import LocalData, load_local_data
 from client.trainer import LocalResult, train_dp
 from common import messages as m
@@ -38,7 +38,6 @@ from common.model import (
 from common.progress import emit
 
 STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
-LEDGER_FILE = "ledger.sqlite"
 # A job is declined outright when less than this share of the budget is left: the noise needed
 # to fit in it would make the update worthless, yet it would still cost the rest of the budget.
 MIN_GRANT = 0.02

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from common.accounting import HistoryEntry, NoisePlan, epsilon
 
+LEDGER_FILE = "ledger.sqlite"  # in the node's state folder
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
     dataset TEXT PRIMARY KEY,
@@ -194,3 +196,29 @@ class PrivacyLedger:
             ).rowcount
         if changed != 1:
             raise RuntimeError(f"ledger entry {entry} is not pending")
+
+
+def budget_summary(ledger: PrivacyLedger) -> list[dict]:
+    """Per data set: budget, spent, remaining and who spent it, for `fedtune-client budget`."""
+    rows = []
+    for dataset in ledger.datasets():
+        budget = ledger.budget(dataset)
+        releases = ledger.releases(dataset)
+        spent = ledger.spent(dataset)
+        jobs: dict[str, list[int]] = {}
+        for release in releases:
+            jobs.setdefault(release.job, []).append(release.round)
+        rows.append(
+            {
+                "dataset": dataset,
+                "file": budget.source,
+                "budget_epsilon": budget.epsilon,
+                "delta": budget.delta,
+                "accountant": budget.accountant,
+                "spent_epsilon": spent,
+                "remaining_epsilon": max(budget.epsilon - spent, 0.0),
+                "steps": sum(r.steps for r in releases),
+                "jobs": {job: sorted(rounds) for job, rounds in jobs.items()},
+            }
+        )
+    return rows

@@ -21,6 +21,8 @@ BANKING77 = REPO_ROOT / "data" / "banking77"
 
 #: Run-config key under which the job travels through Flower.
 RUN_CONFIG_KEY = "job"
+#: Run-config key naming the coordinator's run folder (empty: runs/<timestamp>).
+OUT_DIR_KEY = "out-dir"
 
 
 class ConfigError(ValueError):

@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RUN_CONFIG_KEY, JobConfig
+from common.config import OUT_DIR_KEY, RUN_CONFIG_KEY, JobConfig
 from common.data import read_records
 from common.model import (
     UpperStack,
@@ -32,8 +32,6 @@ from common.model import (
 )
 from server.report import build_metrics, write_report
 from server.strategy import RoundLog, make_strategy
-
-OUT_DIR_KEY = "out-dir"
 
 app = ServerApp()
 

@@ -87,6 +87,56 @@ def write_report(folder: Path, metrics: dict) -> None:
     _plot_accuracy(folder / "accuracy.png", metrics)
     _plot_epsilon(folder / "epsilon.png", metrics)
     (folder / "report.md").write_text(render_markdown(metrics), encoding="utf-8")
+    privacy = privacy_report(metrics)
+    write_json_atomic(folder / "privacy.json", privacy)
+    (folder / "privacy.md").write_text(render_privacy_markdown(privacy), encoding="utf-8")
+
+
+PRIVACY_FIELDS = (
+    "name", "examples", "epsilon", "dataset_epsilon", "budget_epsilon", "delta", "accountant", "sample_rate",
+    "noise_multiplier", "max_grad_norm", "steps", "rounds", "declined_rounds",
+)
+
+
+def privacy_report(metrics: dict) -> dict:
+    """What a compliance officer signs off: per institution, what was released and at what cost."""
+    return {
+        "guarantee": "record-level (example-level) differential privacy, per institution, (epsilon, delta)",
+        "mechanism": "DP-SGD (Opacus): Poisson sampling, per-record gradient clipping, Gaussian noise",
+        "secure_aggregation": metrics.get("secure_aggregation", False),
+        "institution_level_dp": False,
+        "rounds_planned": metrics["config"]["federation"]["rounds"],
+        "institutions": [{key: inst[key] for key in PRIVACY_FIELDS} for inst in metrics["institutions"]],
+        "declined": {str(r["round"]): r["declined"] for r in metrics["rounds"] if r.get("declined")},
+    }
+
+
+def render_privacy_markdown(report: dict) -> str:
+    lines = [
+        "# Privacy report",
+        "",
+        f"- Guarantee: {report['guarantee']}.",
+        f"- Mechanism: {report['mechanism']}.",
+        "- Every epsilon is computed by the named accountant over the institution's whole released history for "
+        "its data set (all jobs, all rounds, all local steps, at the real sampling rate), never summed by hand.",
+        f"- Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. "
+        f"Institution-level DP at the coordinator: {'on' if report['institution_level_dp'] else 'off'}.",
+        "",
+        "| institution | records | epsilon this job | data set epsilon / budget | delta | accountant | sample rate "
+        "| noise multiplier | clip norm | steps | rounds | declined rounds |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for inst in report["institutions"]:
+        lines.append(
+            f"| {inst['name']} | {inst['examples']} | {inst['epsilon']:.4f} | {inst['dataset_epsilon']:.4f} / "
+            f"{inst['budget_epsilon']:g} | {inst['delta']:g} | {ACCOUNTANT_NAMES[inst['accountant']]} | "
+            f"{inst['sample_rate']:.4f} | {inst['noise_multiplier']:.4f} | {inst['max_grad_norm']:g} | {inst['steps']} | "
+            f"{inst['rounds']} | {', '.join(map(str, inst['declined_rounds'])) or '-'} |"
+        )
+    for rnd, names in report["declined"].items():
+        for name, why in names.items():
+            lines.append(f"\n- Round {rnd}: {name} declined: {why}")
+    return "\n".join(lines) + "\n"
 
 
 def render_markdown(metrics: dict) -> str:

@@ -21,9 +21,8 @@ from flwr.supercore.telemetry import EventType
 
 from client.app import STATE_DIR_ENV
 from client.app import app as client_app
-from common.config import REPO_ROOT, RUN_CONFIG_KEY, JobConfig
+from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig
 from common.flower_env import quiet_flower
-from server.app import OUT_DIR_KEY
 from server.app import app as server_app
 
 

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from client.app import LEDGER_FILE
-from client.ledger import PrivacyLedger
+from client.ledger import LEDGER_FILE, PrivacyLedger
 from common.data import read_records
 from common.model import load_saved_model, load_tokenizer
 from simulations.cli import main
@@ -30,7 +29,7 @@ def finished_run(banking_slice, tmp_path_factory):
 
 def test_run_folder_is_complete(finished_run):
     out, _ = finished_run
-    for name in ("metrics.json", "report.md", "accuracy.png", "epsilon.png", "model/labels.txt",
+    for name in ("metrics.json", "report.md", "privacy.json", "privacy.md", "accuracy.png", "epsilon.png", "model/labels.txt",
                  "model/adapter_config.json", "model/adapter_model.safetensors", "model/head.safetensors"):
         assert (out / name).is_file(), name
     assert (out / "accuracy.png").stat().st_size > 5000
@@ -48,6 +47,16 @@ def test_every_institution_trained_every_round_within_budget(finished_run):
         assert inst["bytes_up"] > 0 and inst["bytes_down"] > 0
 
 
+def test_privacy_report_names_accountant_delta_and_every_institution(finished_run):
+    out, metrics = finished_run
+    report = json.loads((out / "privacy.json").read_text())
+    assert [i["name"] for i in report["institutions"]] == ["institution-1", "institution-2"]
+    for inst in report["institutions"]:
+        assert inst["accountant"] == "prv" and inst["delta"] == 1e-5
+        assert inst["epsilon"] == inst["dataset_epsilon"] <= inst["budget_epsilon"] == 8.0
+    assert "PRV (Opacus PRVAccountant)" in (out / "privacy.md").read_text()
+
+
 def test_ledgers_hold_what_the_report_says(finished_run):
     out, metrics = finished_run
     for inst in metrics["institutions"]:
@@ -55,6 +64,19 @@ def test_ledgers_hold_what_the_report_says(finished_run):
         (dataset,) = ledger.datasets()
         assert ledger.spent(dataset) == pytest.approx(inst["dataset_epsilon"], rel=1e-6)
         assert [r.round for r in ledger.releases(dataset)] == [1, 2]
+
+
+def test_budget_command_shows_spent_and_remaining(finished_run):
+    out, metrics = finished_run
+    inst = metrics["institutions"][0]
+    result = subprocess.run(
+        [sys.executable, "-m", "client.cli", "budget", "--state-dir", str(out / "institutions" / inst["name"]), "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    (row,) = json.loads(result.stdout)
+    assert row["spent_epsilon"] == pytest.approx(inst["dataset_epsilon"], rel=1e-6)
+    assert row["remaining_epsilon"] == pytest.approx(8.0 - inst["dataset_epsilon"], rel=1e-6)
+    assert row["accountant"] == "prv" and list(row["jobs"].values()) == [[1, 2]]
 
 
 def test_a_second_job_on_a_spent_budget_is_declined(finished_run, banking_slice, tmp_path):

@@ -1,0 +1,165 @@
+"""`fedtune-client`: run an institution's node in a fedtune consortium.
+
+The institution operator makes a node key and sends its public half to the coordinator, checks
+the local data file against the job, and starts the node. Records never leave this machine: the
+node trains on them locally and sends only DP-noised model updates over TLS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from client.daemon import NodeError, NodeSettings, Supervisor
+from client.keys import NodeKeyError, check_private_key, generate
+from client.ledger import LEDGER_FILE, PrivacyLedger, budget_summary
+from common.config import ConfigError, load_config
+from common.data import DataError, read_records
+from common.processes import ProcessError, address_arg
+
+DEFAULT_STATE = Path("~/.fedtune/institution").expanduser()
+INSECURE_WARNING = (
+    "WARNING: --insecure: TLS is off. Model updates cross the network unencrypted and the coordinator is "
+    "not authenticated. Use only for a trial on one machine."
+)
+
+
+def say(message: str) -> None:
+    print(f"fedtune-client: {message}", flush=True)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    keys = generate(args.out, comment=args.comment or "")
+    say(f"private key {keys.private} (mode 0600; never share it)")
+    say(f"public key {keys.public}; send this line to the coordinator operator:")
+    print(keys.public_line)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    job = load_config(args.job)
+    data = job.data
+    if data.labels is None:
+        raise ConfigError(f"{args.job}: data.labels: the job file must list the job's labels")
+    records = read_records(args.data_file, data.text_column, data.label_column)
+    records.label_ids(data.labels)
+    counts = Counter(records.labels)
+    absent = [label for label in data.labels if label not in counts]
+    say(f"ok: {args.data_file}: {len(records)} records, {len(counts)} of the job's {len(data.labels)} labels "
+        f"(columns {data.text_column!r} and {data.label_column!r}); nothing was sent")
+    if absent:
+        say(f"note: no records for {len(absent)} label(s), e.g. {absent[0]!r}; that is allowed")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    else:
+        check_private_key(args.private_key)
+    state_dir = args.state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    budget = {key: value for key, value in (("budget-epsilon", args.budget_epsilon),
+                                            ("budget-delta", args.budget_delta),
+                                            ("accountant", args.accountant)) if value is not None}
+    settings = NodeSettings(
+        superlink=args.superlink, data=args.data, name=args.name, state_dir=state_dir,
+        root_certificates=None if args.insecure else args.root_certificates,
+        private_key=None if args.insecure else args.private_key,
+        device=args.device, host=args.host, port=args.port, budget=budget,
+    )
+    Supervisor(settings, say).run()
+    say("stopped")
+    return 0
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    path = args.state_dir.expanduser() / LEDGER_FILE
+    if not path.is_file():
+        say(f"no privacy ledger at {path}: this node has released nothing yet")
+        return 0
+    rows = budget_summary(PrivacyLedger(path))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['file']} (sha256 {row['dataset'][:12]}):")
+        print(f"  budget    epsilon {row['budget_epsilon']:g} at delta {row['delta']:g} ({row['accountant']} accountant)")
+        print(f"  spent     epsilon {row['spent_epsilon']:.4f} over {row['steps']} DP-SGD steps")
+        print(f"  remaining epsilon {row['remaining_epsilon']:.4f}")
+        for job, rounds in row["jobs"].items():
+            print(f"  job {job}: rounds {', '.join(map(str, rounds))}")
+    return 0
+
+
+def existing_file(value: str) -> Path:
+    """argparse type: a file that exists (keys and certificates are only ever read from files)."""
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"{value}: no such file")
+    return Path(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune-client", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keygen = commands.add_parser("keygen", help="make this institution's node key pair (node.key, node.pub)")
+    keygen.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for node.key (0600) and node.pub")
+    keygen.add_argument("--comment", help="text appended to the public key line, e.g. the institution's name")
+    keygen.set_defaults(run=cmd_keygen)
+
+    check = commands.add_parser("check", help="check a data file against a job, locally (nothing is sent)")
+    check.add_argument("data_file", type=Path, metavar="DATA_FILE", help="CSV, TSV or JSONL file of records")
+    check.add_argument("--job", type=Path, required=True, metavar="JOB.toml", help="the job file from the coordinator")
+    check.set_defaults(run=cmd_check)
+
+    start = commands.add_parser("start", help="run this institution's node (until Ctrl-C)")
+    start.add_argument("--superlink", required=True, type=address_arg, metavar="HOST:PORT", help="the coordinator's Fleet address")
+    start.add_argument("--root-certificates", type=existing_file, metavar="CA.pem",
+                       help="the consortium's CA certificate (required unless --insecure)")
+    start.add_argument("--private-key", type=existing_file, metavar="KEY",
+                       help="node.key from `fedtune-client keygen` (required unless --insecure)")
+    start.add_argument("--data", type=existing_file, required=True, metavar="FILE", help="this institution's data file")
+    start.add_argument("--name", required=True, help="this institution's name, as shown in the job's report")
+    start.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    start.add_argument("--budget-epsilon", type=float, metavar="EPSILON",
+                       help="epsilon this data set may spend over all jobs, kept in the ledger in --state-dir "
+                       "(default: each job's target epsilon, i.e. the coordinator decides)")
+    start.add_argument("--budget-delta", type=float, metavar="DELTA", help="delta of that budget (default: the job's delta)")
+    start.add_argument("--accountant", choices=["rdp", "prv"], help="accountant of that budget (default: the job's)")
+    start.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
+                       help=f"node state: privacy ledger, installed apps, feature cache, progress.jsonl (default {DEFAULT_STATE})")
+    start.add_argument("--host", default="127.0.0.1", help="address of the node's local app API (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=9094, help="port of the node's local app API; one per node (default 9094)")
+    start.add_argument("--insecure", action="store_true", help="connect without TLS (local trials only)")
+    start.set_defaults(run=cmd_start)
+
+    budget = commands.add_parser("budget", help="show each data set's privacy budget, spent and remaining")
+    budget.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
+                        help=f"the node's state folder, as given to `start` (default {DEFAULT_STATE})")
+    budget.add_argument("--json", action="store_true", help="print JSON instead of text")
+    budget.set_defaults(run=cmd_budget)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "start" and not args.insecure and None in (args.root_certificates, args.private_key):
+        parser.error("TLS needs --root-certificates (the consortium's ca.pem) and --private-key "
+                     "(node.key from `fedtune-client keygen`); --insecure is for local trials only")
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, NodeKeyError) as exc:
+        print(f"fedtune-client: error: {exc}", file=sys.stderr)
+        return 2
+    except (NodeError, ProcessError) as exc:
+        print(f"fedtune-client: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""The institution's node: a Flower SuperNode kept running against the coordinator.
+
+Before each start it checks the coordinator's Fleet port the way the SuperNode will dial it (TLS,
+the consortium CA, the host name, HTTP/2), so a wrong CA or certificate is a one-line error
+instead of a silent retry loop. When the SuperNode exits on its own it is restarted with backoff
+(network faults, a coordinator restart), unless its output shows a fault no restart can fix: the
+coordinator refused this institution's key, or the TLS handshake failed.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import ssl
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from common.processes import FlowerProcess, flower_env, flower_executable, on_stop_signals, split_address
+from common.progress import ENV_VAR as PROGRESS_ENV
+
+PROBE_TIMEOUT = 10.0
+MAX_BACKOFF = 60.0
+STABLE_AFTER = 300.0  # a SuperNode that ran this long before exiting restarts without delay growth
+# Flower counts a node online for 2 heartbeats (2 x 30 s) after it last spoke, and refuses to
+# activate an online node: a hard-killed SuperNode's successor is refused for up to that long.
+ONLINE_PATIENCE = 90.0
+ONLINE_RETRY = 10.0
+
+REFUSED = (
+    "the coordinator refused this institution's key: it was never admitted, or it was revoked "
+    "(or a node with this key was killed under a minute ago and still counts as online). "
+    "Send node.pub to the coordinator operator; a revoked key needs a new `fedtune-client keygen`"
+)
+# (text in the SuperNode's output, what the operator should know); checked in order.
+FATAL_OUTPUT = (
+    ("Failed to activate SuperNode", REFUSED),
+    ("SSL/TLS handshake error", "TLS handshake with the coordinator failed (wrong CA file, or its certificate changed)"),
+    ("Exit Code: 302", "the private key is not an EC key Flower can use; make one with `fedtune-client keygen`"),
+)
+
+
+class NodeError(RuntimeError):
+    """A fault restarting cannot fix; one line for the institution operator."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    superlink: str
+    data: Path
+    name: str
+    state_dir: Path
+    root_certificates: Path | None  # None: --insecure
+    private_key: Path | None
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 9094
+    budget: dict[str, float | str] = field(default_factory=dict)  # budget-epsilon, budget-delta, accountant
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def node_config_file(self) -> Path:
+        return self.state_dir / "node-config.toml"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.state_dir / "progress.jsonl"
+
+
+def write_node_config(settings: NodeSettings) -> Path:
+    """What the ClientApp reads from `context.node_config` (see client/app.py), as a TOML file.
+
+    Flower takes `--node-config FILE.toml` as well as `'k="v" ...'`; the file keeps paths with
+    quotes or spaces intact and records what the node was started with. `state-dir` is where
+    the ClientApp keeps the institution's privacy ledger; the budget keys, when set, cap what
+    every job may spend on this data set.
+    """
+    config = {
+        "data-path": str(settings.data.resolve()),
+        "name": settings.name,
+        "device": settings.device,
+        "state-dir": str(settings.state_dir),
+        "cache-dir": str(settings.state_dir / "cache"),
+        **settings.budget,
+    }
+    settings.node_config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
+    return settings.node_config_file
+
+
+def supernode_command(settings: NodeSettings) -> list[str]:
+    command = [flower_executable("flower-supernode"), "--superlink", settings.superlink]
+    if settings.root_certificates is None:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", str(settings.root_certificates.resolve()),
+                    "--auth-supernode-private-key", str(settings.private_key.resolve())]
+    return command + [
+        "--host", settings.host, "--port", str(settings.port),
+        "--node-config", str(settings.node_config_file),
+    ]
+
+
+def probe(superlink: str, root_certificates: Path | None) -> str | None:
+    """Check the Fleet port as the SuperNode will see it.
+
+    Returns None when it is ready, or a transient reason (not reachable yet) to retry on.
+    Raises NodeError on a fault no retry fixes.
+    """
+    host, port = split_address(superlink)
+    try:
+        sock = socket.create_connection((host, port), timeout=PROBE_TIMEOUT)
+    except OSError as exc:
+        return f"coordinator not reachable at {superlink} ({exc.strerror or exc})"
+    with sock:
+        if root_certificates is None:
+            return _probe_plaintext(sock, superlink)
+        context = ssl.create_default_context(cafile=str(root_certificates))
+        context.set_alpn_protocols(["h2"])
+        try:
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                if tls.selected_alpn_protocol() != "h2":
+                    raise NodeError(f"{superlink} speaks TLS but not HTTP/2: is it the coordinator's Fleet address?")
+        except ssl.SSLCertVerificationError as exc:
+            raise NodeError(
+                f"coordinator at {superlink}: certificate rejected: {exc.verify_message} "
+                f"(checked against {root_certificates})"
+            ) from None
+        except ssl.SSLError as exc:
+            raise NodeError(f"coordinator at {superlink}: TLS failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            return f"coordinator at {superlink} closed the connection ({exc})"
+    return None
+
+
+def _probe_plaintext(sock: socket.socket, superlink: str) -> None:
+    """With --insecure: a coordinator that answers a TLS handshake would never accept plaintext."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with context.wrap_socket(sock, server_hostname=None):
+            pass
+    except (ssl.SSLError, OSError):
+        return None  # no TLS on that port: a plaintext coordinator, as --insecure expects
+    raise NodeError(
+        f"the coordinator at {superlink} requires TLS: drop --insecure and pass "
+        "--root-certificates CA.pem and --private-key node.key"
+    )
+
+
+def _fatal_reason(output: collections.deque[str]) -> str | None:
+    text = "\n".join(output)
+    for needle, reason in FATAL_OUTPUT:
+        if needle in text:
+            return reason
+    return None
+
+
+def _echo(stream, tail: collections.deque[str]) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line.rstrip("\n"))
+
+
+class Supervisor:
+    """Runs the SuperNode until asked to stop, restarting it after unexpected exits."""
+
+    def __init__(self, settings: NodeSettings, say=print):
+        self.settings = settings
+        self.say = say
+        self.stopping = threading.Event()
+        self.process: FlowerProcess | None = None
+
+    def request_stop(self, _signum: int = signal.SIGTERM) -> None:
+        self.stopping.set()
+        if self.process is not None:
+            self.process.signal_group(signal.SIGTERM)
+
+    def run(self) -> None:
+        """Returns after a stop request; raises NodeError on a fault restarting cannot fix."""
+        settings = self.settings
+        write_node_config(settings)
+        env = flower_env(settings.flwr_home, {PROGRESS_ENV: str(settings.progress_file.resolve())})
+        backoff = 2.0
+        refusal_final_at = 0.0  # before this, a refusal may only mean a killed predecessor still counts as online
+        with on_stop_signals(self.request_stop):
+            while not self.stopping.is_set():
+                waiting = probe(settings.superlink, settings.root_certificates)
+                if waiting:
+                    self.say(f"{waiting}; retrying in {backoff:.0f} s")
+                    backoff = self._pause(backoff)
+                    continue
+                started = time.monotonic()
+                output = self._run_once(env)
+                if self.stopping.is_set():
+                    return
+                code = self.process.poll()
+                reason = _fatal_reason(output)
+                if reason == REFUSED and time.monotonic() < refusal_final_at:
+                    self.say(f"the coordinator still counts the killed SuperNode as online; retrying in {ONLINE_RETRY:.0f} s")
+                    self.stopping.wait(ONLINE_RETRY)
+                    continue
+                if reason:
+                    raise NodeError(reason)
+                if code < 0:  # killed by a signal: it could not sign off with the coordinator
+                    refusal_final_at = time.monotonic() + ONLINE_PATIENCE
+                if time.monotonic() - started > STABLE_AFTER:
+                    backoff = 2.0
+                self.say(f"the SuperNode exited (code {code}); restarting in {backoff:.0f} s")
+                backoff = self._pause(backoff)
+
+    def _run_once(self, env: dict[str, str]) -> collections.deque[str]:
+        """Run one SuperNode to its end, echoing its output; the last lines of that output."""
+        self.process = FlowerProcess(supernode_command(self.settings), env, stdout=subprocess.PIPE)
+        self.say(f"SuperNode started (pid {self.process.pid}), connecting to {self.settings.superlink} as {self.settings.name}")
+        tail: collections.deque[str] = collections.deque(maxlen=50)
+        echo = threading.Thread(target=_echo, args=(self.process.stdout, tail), daemon=True)
+        echo.start()
+        try:
+            self.process.wait()
+        finally:
+            # Its SuperExec outlives it for a while, retrying, and holds the output pipe open.
+            self.process.stop()
+        echo.join()
+        return tail
+
+    def _pause(self, backoff: float) -> float:
+        self.stopping.wait(backoff)
+        return min(backoff * 2, MAX_BACKOFF)

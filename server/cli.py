@@ -1,0 +1,256 @@
+"""`fedtune-server`: run the consortium's coordinator.
+
+The coordinator operator creates the consortium CA and the coordinator's TLS certificate,
+starts the coordinator (a Flower SuperLink with TLS and institution authentication), admits each
+institution by its public key, and submits jobs. Institutions never send records, only updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from common.config import ConfigError
+from common.data import DataError
+from common.processes import FlowerProcess, ProcessError, address_arg, dial_host, on_stop_signals, split_address
+from server import pki
+from server.coordinator import (
+    COMPLETED,
+    Coordinator,
+    CoordinatorError,
+    TlsFiles,
+    outside_app_folder,
+    superlink_command,
+    validate_job,
+)
+
+DEFAULT_STATE = Path("~/.fedtune/coordinator").expanduser()
+INSECURE_WARNING = (
+    "WARNING: --insecure: TLS is off. Updates cross the network unencrypted and institutions are NOT "
+    "authenticated: any process that reaches the Fleet port can join a job. Use only for a trial on one machine."
+)
+
+
+def say(message: str) -> None:
+    print(f"fedtune-server: {message}", flush=True)
+
+
+def cmd_ca_init(args: argparse.Namespace) -> int:
+    issued = pki.init_ca(args.dir, args.name, args.days)
+    say(f"CA certificate {issued.cert} (give this file to every institution)")
+    say(f"CA private key {issued.key} (mode 0600; keep it offline, it signs the coordinator's certificates)")
+    return 0
+
+
+def cmd_cert_issue(args: argparse.Namespace) -> int:
+    hosts, ips = args.host, args.ip
+    if not hosts and not ips:
+        hosts, ips = ["localhost"], ["127.0.0.1"]
+    issued = pki.issue_server_cert(args.dir, args.out or args.dir, hosts, ips, args.days)
+    until = datetime.now(timezone.utc) + timedelta(days=args.days)
+    say(f"coordinator certificate {issued.cert}, key {issued.key} (mode 0600)")
+    say(f"valid for {', '.join(pki.subject_alt_names(issued.cert))} until about {until:%Y-%m-%d}")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    coordinator = Coordinator(outside_app_folder(args.state_dir, "state folder"))
+    coordinator.state.mkdir(parents=True, exist_ok=True)
+    tls = None
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    else:
+        tls = TlsFiles.in_folder(args.certs or coordinator.state)
+        missing = [str(path) for path in (tls.ca, tls.cert, tls.key) if not path.is_file()]
+        if missing:
+            raise pki.PkiError(
+                f"no TLS files ({', '.join(missing)}); create them with `fedtune-server ca init` and "
+                "`fedtune-server cert issue`, or pass --insecure for a local trial"
+            )
+        expires = pki.check_server_files(tls.ca, tls.cert, tls.key)
+        if expires - datetime.now(timezone.utc) < timedelta(days=30):
+            say(f"warning: {tls.cert} expires on {expires:%Y-%m-%d}; issue a new one soon")
+    fleet_host, fleet_port = split_address(args.fleet_address)
+    control = coordinator.write_connection(args.host, args.port, tls.ca if tls else None)
+    process = FlowerProcess(
+        superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
+        coordinator.env(),
+        cwd=coordinator.state,
+    )
+    stopping: list[int] = []
+
+    def stop(signum: int) -> None:
+        stopping.append(signum)
+        process.signal_group(signal.SIGTERM)
+
+    try:
+        with on_stop_signals(stop):
+            process.wait_for_port(dial_host(args.host), args.port, timeout=60)
+            process.wait_for_port(dial_host(fleet_host), fleet_port, timeout=60)
+            say(f"ready: institutions connect to {args.fleet_address}; control API at {control}; state in {coordinator.state}")
+            code = process.wait()
+    finally:
+        process.stop()
+    if stopping:
+        say("stopped")
+        return 0
+    raise ProcessError(f"flower-superlink exited with code {code}")
+
+
+def cmd_admit(args: argparse.Namespace) -> int:
+    node_id = Coordinator(args.state_dir).admit(args.public_key, args.name)
+    say(f"admitted {args.name} as node {node_id}")
+    return 0
+
+
+def cmd_institutions(args: argparse.Namespace) -> int:
+    rows = Coordinator(args.state_dir).institutions()
+    if not rows:
+        say("no institutions admitted yet")
+        return 0
+    print(f"{'NAME':<20} {'NODE ID':<22} {'STATUS':<13} SINCE")
+    for row in rows:
+        print(f"{row['name']:<20} {row['node_id']:<22} {row['status']:<13} {row['since']}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    name, node_id = Coordinator(args.state_dir).revoke(args.institution)
+    say(f"revoked {name} (node {node_id}); its SuperNode is refused from its next request on")
+    say("a revoked key cannot be admitted again: the institution must make a new one with `fedtune-client keygen`")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job = validate_job(args.job)
+    out = outside_app_folder(args.out, "run folder")
+    if out.exists() and any(out.iterdir()):
+        raise CoordinatorError(f"{out}: not empty; give each run a new folder")
+    coordinator = Coordinator(args.state_dir)
+    run_id = coordinator.submit(job, out)
+    say(f"submitted run {run_id}: {job.federation.institutions} institutions, {job.federation.rounds} rounds -> {out}")
+    if args.detach:
+        say(f"follow it with `fedtune-server status {run_id}`")
+        return 0
+    try:
+        run = coordinator.follow(run_id, show_logs=not args.quiet)
+    except KeyboardInterrupt:
+        say(f"stopped following; run {run_id} goes on (`fedtune-server status {run_id}`)")
+        return 130
+    if run["status"] != COMPLETED:
+        details = run.get("status-details") or ""
+        say(f"error: run {run_id} ended {run['status']}{': ' + details if details not in ('', 'N/A') else ''}"
+            f" (see `flwr log {run_id}` with FLWR_HOME={coordinator.flwr_home})")
+        return 1
+    summary = ""
+    metrics_file = out / "metrics.json"
+    if metrics_file.is_file():
+        last = json.loads(metrics_file.read_text())["rounds"][-1]
+        summary = f"; accuracy {last['accuracy']:.3f} after round {last['round']}"
+    say(f"run {run_id} {run['status']}{summary}; results in {out}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    runs = Coordinator(args.state_dir).runs(args.run_id)
+    if not runs:
+        say("no runs yet")
+        return 0
+    print(f"{'RUN ID':<22} {'STATUS':<20} {'ELAPSED':>8}  RUN FOLDER")
+    for run in runs:
+        print(f"{run['run-id']:<22} {run['status']:<20} {run['elapsed']:>7.0f}s  {run['out'] or '-'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    to = Coordinator(args.state_dir).export(args.run_id, args.to)
+    say(f"copied run {args.run_id} to {to}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune-server", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
+                       help=f"coordinator state folder (default {DEFAULT_STATE})")
+
+    ca = commands.add_parser("ca", help="the consortium's certificate authority")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
+    init = ca_commands.add_parser("init", help="create the CA key (ca.key, 0600) and certificate (ca.pem) in DIR")
+    init.add_argument("--dir", type=Path, required=True, metavar="DIR", help="folder for ca.key and ca.pem")
+    init.add_argument("--name", default="fedtune consortium CA", help="the CA's common name")
+    init.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    init.set_defaults(run=cmd_ca_init)
+
+    cert = commands.add_parser("cert", help="the coordinator's TLS certificate")
+    cert_commands = cert.add_subparsers(dest="cert_command", required=True, metavar="COMMAND")
+    issue = cert_commands.add_parser("issue", help="sign a TLS certificate (server.pem, server.key) with the CA in DIR")
+    issue.add_argument("--dir", type=Path, required=True, metavar="DIR", help="folder holding ca.key and ca.pem")
+    issue.add_argument("--out", type=Path, metavar="DIR", help="folder for server.pem and server.key (default: --dir)")
+    issue.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="DNS name institutions dial (repeatable; default localhost when no --host/--ip)")
+    issue.add_argument("--ip", action="append", default=[], metavar="IP",
+                       help="IP address institutions dial (repeatable; default 127.0.0.1 when no --host/--ip)")
+    issue.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    issue.set_defaults(run=cmd_cert_issue)
+
+    start = commands.add_parser("start", parents=[state], help="run the coordinator (until Ctrl-C)")
+    start.add_argument("--certs", type=Path, metavar="DIR",
+                       help="folder with ca.pem, server.pem and server.key (default: the state folder)")
+    start.add_argument("--host", default="127.0.0.1", help="address of the control API (admin, jobs) (default 127.0.0.1)")
+    start.add_argument("--port", type=int, default=9093, help="port of the control API (default 9093)")
+    start.add_argument("--fleet-address", default="127.0.0.1:9092", type=address_arg, metavar="HOST:PORT",
+                       help="HOST:PORT institutions connect to (default 127.0.0.1:9092; 0.0.0.0:9092 for all interfaces)")
+    start.add_argument("--insecure", action="store_true",
+                       help="run without TLS and without institution authentication (local trials only)")
+    start.set_defaults(run=cmd_start)
+
+    admit = commands.add_parser("admit", parents=[state], help="admit an institution by its public key")
+    admit.add_argument("public_key", type=Path, metavar="PUBKEY_FILE", help="the node.pub the institution sent")
+    admit.add_argument("--name", required=True, help="the institution's name")
+    admit.set_defaults(run=cmd_admit)
+
+    institutions = commands.add_parser("institutions", parents=[state], help="list admitted institutions")
+    institutions.set_defaults(run=cmd_institutions)
+
+    revoke = commands.add_parser("revoke", parents=[state], help="revoke an institution (it is cut off at once)")
+    revoke.add_argument("institution", metavar="NAME_OR_ID", help="institution name or node id")
+    revoke.set_defaults(run=cmd_revoke)
+
+    submit = commands.add_parser("submit", parents=[state], help="check a job, run it and wait for the result")
+    submit.add_argument("job", type=Path, metavar="JOB.toml", help="job file (see `fedtune-sim --print-config`)")
+    submit.add_argument("--out", type=Path, required=True, metavar="DIR", help="new run folder on this machine")
+    submit.add_argument("--detach", action="store_true", help="return once the run is submitted")
+    submit.add_argument("--quiet", action="store_true", help="do not stream the coordinator's log")
+    submit.set_defaults(run=cmd_submit)
+
+    status = commands.add_parser("status", parents=[state], help="show runs and their status")
+    status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="one run (default: all)")
+    status.set_defaults(run=cmd_status)
+
+    export = commands.add_parser("export", parents=[state], help="copy a finished run's folder")
+    export.add_argument("run_id", metavar="RUN_ID")
+    export.add_argument("--to", type=Path, required=True, metavar="DIR", help="new folder to copy the run folder to")
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, DataError, pki.PkiError) as exc:
+        print(f"fedtune-server: error: {exc}", file=sys.stderr)
+        return 2
+    except (CoordinatorError, ProcessError) as exc:
+        print(f"fedtune-server: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,279 @@
+"""The coordinator's side of a deployment: its SuperLink, its institutions and its jobs.
+
+Everything the coordinator operator does goes through Flower's own programs: `flower-superlink`
+runs the federation, and the `flwr` CLI admits institutions and submits jobs over the SuperLink's
+TLS control API. fedtune adds what Flower does not keep: the institutions' names (Flower 1.39
+stores a node's name but never lists it) and which run folder belongs to which run.
+
+The state folder holds the SuperLink database, a private FLWR_HOME whose `config.toml` names the
+connection `fedtune`, `institutions.json` and `runs.json`. It must lie outside the app folder:
+`flwr run` ships every .py/.toml/.json/.md file of that folder to every institution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import tomli_w
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
+from common.data import read_records
+from common.processes import FlowerProcess, dial_host, flower_env, flower_executable
+from server.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+
+CONNECTION = "fedtune"
+FINISHED = "finished"
+COMPLETED = "finished:completed"
+
+
+class CoordinatorError(RuntimeError):
+    """An operation the coordinator refused or could not do; one line, for the operator."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def in_folder(cls, folder: Path) -> TlsFiles:
+        folder = Path(folder).resolve()
+        return cls(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY)
+
+
+def outside_app_folder(path: Path, what: str) -> Path:
+    """Refuse folders whose files `flwr run` would pack into the app bundle sent to institutions."""
+    path = Path(path).expanduser().resolve()
+    inside = path == REPO_ROOT or REPO_ROOT in path.parents
+    if inside and not (REPO_ROOT / "runs" in path.parents):
+        raise CoordinatorError(
+            f"{what} {path} is inside the app folder {REPO_ROOT}, whose files Flower ships to every "
+            "institution; use a folder outside it (or under runs/)"
+        )
+    return path
+
+
+def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None) -> list[str]:
+    command = [flower_executable("flower-superlink")]
+    if tls is None:
+        command.append("--insecure")
+    else:
+        command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+                    "--enable-supernode-auth"]
+    return command + [
+        "--host", host, "--port", str(port),
+        "--fleet-api-address", fleet_address,  # Flower's default binds every interface
+        "--database", str(state / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+
+
+def validate_job(path: Path) -> JobConfig:
+    """The job as the coordinator will run it, or a one-line reason it cannot run."""
+    job = load_config(path)
+    if job.data.labels is None:
+        raise ConfigError(f"{path}: data.labels: a deployed job must list its labels (no single party sees every file)")
+    if job.data.test_path is None:
+        raise ConfigError(f"{path}: data.test_path: the coordinator needs a held-out file to evaluate on")
+    # A test label outside the label set would only fail on the coordinator after the first round.
+    read_records(job.data.test_path, job.data.text_column, job.data.label_column).label_ids(job.data.labels)
+    return job
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Using SuperLink")]
+    return " ".join(lines) or "no output"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def check_public_key(path: Path) -> str:
+    """The OpenSSH public key line, if it is an EC key on a NIST curve (what Flower accepts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CoordinatorError(f"{path}: no such file")
+    line = path.read_text(encoding="utf-8", errors="replace").strip()
+    try:
+        key = serialization.load_ssh_public_key(line.encode())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CoordinatorError(f"{path}: not an OpenSSH public key (expected one 'ecdsa-sha2-nistp384 ...' line)") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise CoordinatorError(f"{path}: not an EC key; the institution should run `fedtune-client keygen`")
+    return line
+
+
+class Coordinator:
+    """The coordinator's state folder and the `flwr` commands run against its SuperLink."""
+
+    def __init__(self, state_dir: Path):
+        self.state = Path(state_dir).expanduser().resolve()
+        self.flwr_home = self.state / "flwr-home"
+        self.institutions_file = self.state / "institutions.json"
+        self.runs_file = self.state / "runs.json"
+
+    # -- connection ----------------------------------------------------------------------------
+
+    def write_connection(self, host: str, port: int, ca: Path | None) -> str:
+        """Point the private FLWR_HOME at this SuperLink; returns the address the CLI dials."""
+        address = f"{dial_host(host)}:{port}"
+        connection: dict = {"address": address}
+        if ca is None:
+            connection["insecure"] = True
+        else:
+            connection["root-certificates"] = str(Path(ca).resolve())
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+        return address
+
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home)
+
+    def flwr(self, *args: str, timeout: float = 120) -> dict:
+        """Run `flwr ARGS fedtune --format json`; its JSON answer, or CoordinatorError with Flower's reason.
+
+        Flower's CLI exits 0 even when it failed, so success is read from the answer itself.
+        """
+        if not (self.flwr_home / "config.toml").is_file():
+            raise CoordinatorError(f"{self.state}: no coordinator here; start one with `fedtune-server start --state-dir {self.state}`")
+        result = subprocess.run(
+            [flower_executable("flwr"), *args, CONNECTION, "--format", "json"],
+            env=self.env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        start = result.stdout.find("{")
+        try:
+            answer = json.loads(result.stdout[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise CoordinatorError(f"flwr {args[0]}: {_one_line(result.stdout + result.stderr)}")
+        if not answer.get("success", False):
+            raise CoordinatorError(_one_line(str(answer.get("error-message", "failed"))))
+        return answer
+
+    # -- institutions --------------------------------------------------------------------------
+
+    def admit(self, public_key: Path, name: str) -> str:
+        line = check_public_key(public_key)
+        registry = _read_json(self.institutions_file)
+        if name in registry and not registry[name].get("revoked"):
+            raise CoordinatorError(f"an institution named {name!r} is already admitted (node {registry[name]['node_id']})")
+        answer = self.flwr("supernode", "register", str(public_key), "--name", name)
+        node_id = str(answer["node-id"])
+        registry[name] = {"node_id": node_id, "public_key": line, "admitted": _now(), "revoked": None}
+        _write_json(self.institutions_file, registry)
+        return node_id
+
+    def institutions(self) -> list[dict]:
+        """Every node the SuperLink knows, with fedtune's name for it and Flower's status."""
+        nodes = self.flwr("supernode", "ls")["nodes"]
+        names = {entry["node_id"]: name for name, entry in _read_json(self.institutions_file).items()}
+        return [
+            {"name": names.get(str(node["node-id"]), "-"), "node_id": str(node["node-id"]), "status": node["status"],
+             "since": node.get("online-at") if node["status"] == "online" else node.get("created-at")}
+            for node in nodes
+        ]
+
+    def revoke(self, name_or_id: str) -> tuple[str, str]:
+        registry = _read_json(self.institutions_file)
+        if name_or_id in registry:
+            name, node_id = name_or_id, registry[name_or_id]["node_id"]
+        else:
+            matches = [name for name, entry in registry.items() if entry["node_id"] == name_or_id]
+            if not matches and not name_or_id.isdigit():
+                raise CoordinatorError(f"no institution named {name_or_id!r} (see `fedtune-server institutions`)")
+            name, node_id = (matches[0] if matches else "-"), name_or_id
+        self.flwr("supernode", "unregister", node_id)
+        if name in registry:
+            registry[name]["revoked"] = _now()
+            _write_json(self.institutions_file, registry)
+        return name, node_id
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def submit(self, job: JobConfig, out: Path) -> str:
+        """Start the job on the SuperLink; the run id. `out` must be an absolute coordinator path."""
+        needed = job.federation.institutions
+        admitted = [node for node in self.institutions() if node["status"] != "unregistered"]
+        if len(admitted) < needed:
+            raise CoordinatorError(
+                f"the job needs {needed} institutions (federation.institutions) but {len(admitted)} are admitted"
+            )
+        # A run-config file, not `--run-config "job='...'"`: the JSON may hold quotes of either kind.
+        run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out)}
+        fd, config_path = tempfile.mkstemp(suffix=".toml", dir=self.state)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(tomli_w.dumps(run_config))
+            answer = self.flwr("run", str(REPO_ROOT), "--run-config", config_path, timeout=600)
+        finally:
+            os.unlink(config_path)
+        run_id = str(answer["run-id"])
+        runs = _read_json(self.runs_file)
+        runs[run_id] = {"out": str(out), "submitted": _now(), "institutions": needed, "rounds": job.federation.rounds}
+        _write_json(self.runs_file, runs)
+        return run_id
+
+    def runs(self, run_id: str | None = None) -> list[dict]:
+        """Flower's record of each run, plus the run folder fedtune gave it."""
+        args = ("ls", "--run-id", run_id) if run_id else ("ls",)
+        known = _read_json(self.runs_file)
+        rows = self.flwr(*args)["runs"]
+        return [dict(row, out=known.get(str(row["run-id"]), {}).get("out")) for row in rows]
+
+    def follow(self, run_id: str, show_logs: bool = True, poll: float = 3.0) -> dict:
+        """Wait for the run to finish, streaming the ServerApp's log; the run's final record."""
+        logs = None
+        if show_logs:
+            logs = FlowerProcess([flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"], self.env())
+        try:
+            while True:
+                run = self.runs(run_id)[0]
+                if run["status"].startswith(FINISHED):
+                    break
+                time.sleep(poll)
+            if logs is not None:
+                try:
+                    logs.wait(timeout=15)  # the stream ends by itself once the run has finished
+                except subprocess.TimeoutExpired:
+                    pass
+            return run
+        finally:
+            if logs is not None:
+                logs.stop(grace=2)
+
+    def export(self, run_id: str, to: Path) -> Path:
+        run = self.runs(run_id)[0]
+        if not run["status"].startswith(FINISHED):
+            raise CoordinatorError(f"run {run_id} is {run['status']}; export it once it has finished")
+        if not run["out"] or not Path(run["out"]).is_dir():
+            raise CoordinatorError(f"run {run_id}: no run folder recorded in {self.runs_file}")
+        to = Path(to).expanduser().resolve()
+        if to.exists():
+            raise CoordinatorError(f"{to}: already exists; name a new folder")
+        shutil.copytree(run["out"], to)
+        return to
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
