@@ -179,8 +179,6 @@ def _reply(local: LocalData, model, result: LocalResult, account: dict, accounta
         {
             m.NUM_EXAMPLES: len(local.records),
             m.TRAIN_LOSS: result.mean_loss,
-            m.FIRST_LOSS: result.first_loss,
-            m.LAST_LOSS: result.last_loss,
             **account,
         }
     )

@@ -26,8 +26,6 @@ StepCallback = Callable[[int, int, float], None]
 class LocalResult:
     history: list[HistoryEntry]
     mean_loss: float
-    first_loss: float
-    last_loss: float
 
 
 def _secret_generator(device: torch.device) -> torch.Generator:
@@ -102,16 +100,12 @@ def train_dp(
                         for p in group["params"]:
                             p.sub_(group["lr"] * proximal_mu * (p - anchors[id(p)]))
             if len(target):
-                losses.append(float(loss))
+                losses.append(loss.detach().item())
             if on_step is not None:
                 on_step(step, steps, losses[-1] if losses else float("nan"))
     finally:
         module._close()
-    if not losses:
-        losses = [float("nan")]
     return LocalResult(
         history=compact(engine.accountant.history),
-        mean_loss=sum(losses) / len(losses),
-        first_loss=losses[0],
-        last_loss=losses[-1],
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
     )

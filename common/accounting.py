@@ -61,6 +61,7 @@ class NoisePlan:
         return self.steps_per_round * self.rounds
 
     def history(self, rounds: int) -> list[HistoryEntry]:
+        """What `rounds` full rounds of this plan add to the accountant's history."""
         return [(self.noise_multiplier, self.sample_rate, self.steps_per_round * rounds)] if rounds else []
 
 

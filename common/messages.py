@@ -7,8 +7,6 @@ institution's updated trainable weights and a `MetricRecord` of what it released
 # Keys of the train reply's MetricRecord.
 NUM_EXAMPLES = "num-examples"  # the key Flower's strategies weight by
 TRAIN_LOSS = "train-loss"
-FIRST_LOSS = "first-loss"
-LAST_LOSS = "last-loss"
 EPSILON = "epsilon"  # spent by this job, over all its rounds so far
 DATASET_EPSILON = "dataset-epsilon"  # spent on the data set by every job so far, this one included
 BUDGET_EPSILON = "budget-epsilon"  # the institution's budget for the data set
