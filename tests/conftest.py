@@ -11,6 +11,9 @@ import torch
 
 from common.config import BANKING77, ModelConfig
 
+# Real coordinator/institution process fixtures (coordinator, federation, ...) for any test module.
+pytest_plugins = ["deployment_support"]
+
 SLICE_LABELS = 6
 
 
