@@ -1,8 +1,11 @@
 """The institution's ClientApp: trains the global model on local records with DP-SGD.
 
-One train message = one round. The institution loads the global trainable weights, checks the
-round against its privacy ledger, runs the DP-SGD steps that fit on cached features, records the
-release, and replies with its new weights and an account of what it released.
+One round = one train instruction (a legacy `FitIns`, see common/messages.py). The institution
+loads the global trainable weights, checks the round against its privacy ledger, runs the DP-SGD
+steps that fit on cached features, records the release, and replies with its new weights and an
+account of what it released. Two Flower mods wrap that: `secaggplus_mod` masks the weights when
+the coordinator runs SecAgg+ (it does by default), and `fixedclipping_mod` clips the update when
+the job has institution-level DP.
 
 The privacy budget belongs to the institution, not to the job: in deployment it comes from the
 operator's node config (`budget-epsilon`, `budget-delta`, `accountant`), and every job on the
@@ -16,13 +19,20 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
+from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.ledger import LEDGER_FILE, Budget, BudgetExhausted, PrivacyLedger
 from client.local_data import LocalData, load_local_data
-from client.trainer import LocalResult, train_dp
+from client.trainer import train_dp
 from common import messages as m
 from common.accounting import NoisePlan, compact, epsilon, plan_noise
 from common.config import RUN_CONFIG_KEY, JobConfig, ModelConfig
@@ -31,8 +41,10 @@ from common.model import (
     build_model,
     default_cache_dir,
     encode,
+    from_ndarrays,
     load_trainable_state,
     pick_device,
+    to_ndarrays,
     trainable_state,
 )
 from common.progress import emit
@@ -42,7 +54,48 @@ STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
 # to fit in it would make the update worthless, yet it would still cost the rest of the budget.
 MIN_GRANT = 0.02
 
-app = ClientApp()
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ for rounds the coordinator runs with it; without it, the round as it comes."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, lambda inner, ctx: _in_float64(call_next(inner, ctx)))
+    return call_next(msg, context)
+
+
+def _in_float64(reply: Message) -> Message:
+    """SecAgg+ quantises in the weights' own precision: float32 resolves only ~1e-6 near its
+    clipping range, which after weighting is coarser than a round's update."""
+    if reply.has_error():
+        return reply
+    fit_res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+    weights = [array.astype(np.float64) for array in parameters_to_ndarrays(fit_res.parameters)]
+    fit_res.parameters = ndarrays_to_parameters(weights)
+    reply.content = compat.fitres_to_recorddict(fit_res, keep_input=True)
+    return reply
+
+
+def institution_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's fixedclipping_mod when the coordinator adds institution-level noise, and a receipt.
+
+    The receipt (the bound, in the reply's metrics) is what lets the coordinator refuse to noise an
+    update nobody clipped: Flower's server wrapper cannot tell on its own.
+    """
+    if msg.metadata.message_type != "train" or KEY_CLIPPING_NORM not in _instruction(msg).config:
+        return call_next(msg, context)
+    reply = fixedclipping_mod(msg, context, call_next)
+    if not reply.has_error():
+        bound = float(_instruction(msg).config[KEY_CLIPPING_NORM])
+        reply.content.config_records[m.FIT_METRICS][m.CLIPPED_TO] = bound
+    return reply
+
+
+# Order matters (FLOWER_NOTES): SecAgg+ masks what clipping left.
+app = ClientApp(mods=[secure_aggregation_mod, institution_clipping_mod])
+
+
+def _instruction(msg: Message):
+    return compat.recorddict_to_fitins(msg.content, keep_input=True)
 
 
 @app.train()
@@ -51,7 +104,8 @@ def train(msg: Message, context: Context) -> Message:
     node = dict(context.node_config)
     if job.training.threads:
         torch.set_num_threads(job.training.threads)
-    server_round = int(msg.content.config_records["config"][m.SERVER_ROUND])
+    instruction = _instruction(msg)
+    server_round = int(instruction.config[m.SERVER_ROUND])
     job_id = str(msg.metadata.run_id)
     local = load_local_data(job, node)
     ledger = PrivacyLedger(state_dir(node, local.name) / LEDGER_FILE)
@@ -73,7 +127,8 @@ def train(msg: Message, context: Context) -> Message:
         job.model.model_dump_json(), tuple(job.data.labels), str(node.get("device", job.training.device)), local,
         str(node.get("cache-dir", default_cache_dir())),
     )
-    load_trainable_state(model, msg.content.array_records["arrays"].to_torch_state_dict())
+    names = list(trainable_state(model))
+    load_trainable_state(model, from_ndarrays(names, parameters_to_ndarrays(instruction.parameters)))
     history = ledger.history(local.fingerprint)
     entry = ledger.reserve(
         local.fingerprint, job_id, server_round, steps, plan.sample_rate, plan.noise_multiplier, job.privacy.max_grad_norm
@@ -90,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
         adapter_learning_rate=job.training.adapter_learning_rate,
         accountant=budget.accountant,
         history=history,
-        proximal_mu=float(msg.content.config_records["config"].get(m.PROXIMAL_MU, 0.0)),
+        proximal_mu=float(instruction.config.get(m.PROXIMAL_MU, 0.0)),
         on_step=lambda step, total, loss: emit(
             round=server_round, institution=local.name, step=step, steps=total, loss=loss
         ),
@@ -111,9 +166,24 @@ def train(msg: Message, context: Context) -> Message:
         m.MAX_GRAD_NORM: job.privacy.max_grad_norm,
         m.TRAIN_SECONDS: time.perf_counter() - started,
     }
-    reply = _reply(local, model, result, account, budget.accountant)
+    # Institution-level DP bounds each institution's influence on the average: equal weights.
+    weight = min(len(local.records), int(instruction.config[m.MAX_WEIGHT]))
+    if KEY_CLIPPING_NORM in instruction.config:
+        weight = 1
+    reply = FitRes(
+        status=Status(Code.OK, "trained"),
+        parameters=ndarrays_to_parameters(to_ndarrays(trainable_state(model))),
+        num_examples=weight,
+        metrics={
+            m.INSTITUTION: local.name,
+            m.ACCOUNTANT: budget.accountant,
+            m.RECORDS: len(local.records),
+            m.TRAIN_LOSS: result.mean_loss,
+            **account,
+        },
+    )
     ledger.release(entry)  # last thing before the update leaves: see client/ledger.py
-    return Message(reply, reply_to=msg)
+    return Message(compat.fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
 
 
 def state_dir(node_config: dict, name: str) -> Path:
@@ -173,19 +243,3 @@ def _prepared(model_json: str, labels: tuple[str, ...], device: str, local: Loca
     model = build_model(config, list(labels), pick_device(device))
     return model, encode(model, config, local.records.texts, Path(cache_dir))
 
-
-def _reply(local: LocalData, model, result: LocalResult, account: dict, accountant: str) -> RecordDict:
-    metrics = MetricRecord(
-        {
-            m.NUM_EXAMPLES: len(local.records),
-            m.TRAIN_LOSS: result.mean_loss,
-            **account,
-        }
-    )
-    return RecordDict(
-        {
-            "arrays": ArrayRecord(trainable_state(model)),
-            "metrics": metrics,
-            m.INFO: ConfigRecord({m.INSTITUTION: local.name, m.ACCOUNTANT: accountant}),
-        }
-    )

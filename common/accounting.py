@@ -116,3 +116,14 @@ def _noise_after(
         else:
             high = mid
     return high
+
+
+def institution_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Institution-level epsilon of DP-FedAvg with every institution in every round (RDP).
+
+    Each round releases the average of updates clipped to C plus Gaussian noise of std
+    noise_multiplier * C / n with n fixed: adding or removing one institution's whole data set
+    moves the average by at most C / n, so a round is the Gaussian mechanism at this noise
+    multiplier with sampling rate 1 (McMahan et al. 2018).
+    """
+    return epsilon([(noise_multiplier, 1.0, rounds)], delta, "rdp") if rounds else 0.0

@@ -1,7 +1,8 @@
 """The job configuration: every setting fedtune knows, its default and its check, in one place.
 
 A job is described by one TOML file whose tables mirror the classes below
-(`[model]`, `[data]`, `[federation]`, `[privacy]`, `[training]`). Anything left out takes the
+(`[model]`, `[data]`, `[federation]`, `[privacy]`, `[secure_aggregation]`, `[institution_dp]`,
+`[training]`). Anything left out takes the
 default written here; `fedtune-sim --print-config` prints the full resolved file.
 The config travels to the ServerApp and ClientApps as one JSON string in Flower's run config
 (key `job`), so that Flower's flat run-config format never holds a second copy of the defaults.
@@ -93,6 +94,36 @@ class PrivacyConfig(_Section):
     )
 
 
+class SecureAggregationConfig(_Section):
+    enabled: bool = Field(
+        True, description="Flower's SecAgg+: the coordinator only ever sees the sum of the institutions' masked "
+        "updates. Off only to measure what it costs.",
+    )
+    reconstruction_threshold: float = Field(
+        0.67, gt=0, le=1, description="Share of an institution's key shares needed to unmask the sum when it "
+        "drops out mid-round; higher = more private, less tolerant of dropouts.",
+    )
+    clipping_range: float = Field(
+        8.0, gt=0, description="Every trainable weight is clipped to +-this before quantisation.",
+    )
+    max_weight: int = Field(
+        100_000, ge=1, description="Most records an institution's update is weighted by (a larger institution "
+        "counts as this many): SecAgg+ quantises the weight relative to it.",
+    )
+
+
+class InstitutionDPConfig(_Section):
+    """Institution-level DP on top of record-level DP-SGD (McMahan et al. 2018, DP-FedAvg)."""
+
+    enabled: bool = Field(
+        False, description="Each institution clips its round update; the coordinator adds Gaussian noise to the "
+        "average (Flower's DifferentialPrivacyClientSideFixedClipping). FedAvg only.",
+    )
+    noise_multiplier: float = Field(1.0, gt=0, description="Noise std on the sum, in units of clipping_norm.")
+    clipping_norm: float = Field(1.0, gt=0, description="L2 bound of each institution's update per round.")
+    delta: float = Field(1e-3, gt=0, lt=1, description="Delta of the institution-level guarantee.")
+
+
 class TrainingConfig(_Section):
     local_epochs: float = Field(1.0, gt=0, description="Passes over the local data per round (fractions allowed).")
     batch_size: int = Field(1024, ge=1, description="Expected records per step; Poisson sampling rate = batch/records.")
@@ -110,12 +141,20 @@ class JobConfig(_Section):
     data: DataConfig = DataConfig()
     federation: FederationConfig = FederationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    institution_dp: InstitutionDPConfig = InstitutionDPConfig()
     training: TrainingConfig = TrainingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> JobConfig:
         if self.model.lora_rank > 0 and not self.model.lora_targets:
             raise ValueError("model.lora_targets must name at least one layer")
+        if self.institution_dp.enabled and self.federation.strategy != "fedavg":
+            raise ValueError(
+                "institution_dp needs federation.strategy = 'fedavg': its noise is calibrated to a plain average"
+            )
+        if self.secure_aggregation.enabled and self.federation.institutions < 2:
+            raise ValueError("secure_aggregation needs at least 2 institutions: the sum of one is its update")
         return self
 
     def to_json(self) -> str:

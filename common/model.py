@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -144,6 +145,17 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def to_ndarrays(state: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """The trainable weights as Flower's legacy workflow carries them: a list in the model's order."""
+    return [value.numpy() for value in state.values()]
+
+
+def from_ndarrays(names: list[str], arrays: list[np.ndarray]) -> OrderedDict[str, torch.Tensor]:
+    if len(names) != len(arrays):
+        raise ModelError(f"expected {len(names)} trainable tensors, got {len(arrays)}")
+    return OrderedDict((name, torch.from_numpy(np.asarray(array))) for name, array in zip(names, arrays))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -12,7 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import Context
+from flwr.common import NDArrays, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import OUT_DIR_KEY, RUN_CONFIG_KEY, JobConfig
@@ -24,14 +27,17 @@ from common.model import (
     default_cache_dir,
     encode,
     evaluate,
+    from_ndarrays,
     load_trainable_state,
     model_path,
     pick_device,
     save_model,
+    to_ndarrays,
     trainable_state,
 )
 from server.report import build_metrics, write_report
-from server.strategy import RoundLog, make_strategy
+from server.round_log import RecordingGrid, RoundLog
+from server.strategy import ClippedUpdatesOnly, make_strategy, make_workflow
 
 app = ServerApp()
 
@@ -46,6 +52,7 @@ class CentralEvaluation:
 
     def __init__(self, job: JobConfig, model):
         self.model = model
+        self.names = list(trainable_state(model))
         self.upper = UpperStack(model, job.model)
         test = read_records(job.data.test_path, job.data.text_column, job.data.label_column)
         self.labels = torch.tensor(test.label_ids(job.data.labels))
@@ -53,11 +60,11 @@ class CentralEvaluation:
         self.results: dict[int, dict] = {}
         self.started = time.perf_counter()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        load_trainable_state(self.model, arrays.to_torch_state_dict())
+    def __call__(self, server_round: int, weights: NDArrays, config: dict) -> tuple[float, dict]:
+        load_trainable_state(self.model, from_ndarrays(self.names, weights))
         result = evaluate(self.upper, self.features, self.labels)
         self.results[server_round] = dict(result, seconds=round(time.perf_counter() - self.started, 2))
-        return MetricRecord(result)
+        return result["loss"], result
 
 
 @app.main()
@@ -69,19 +76,14 @@ def main(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model = build_model(job.model, job.data.labels, pick_device(job.training.device), seed=job.federation.seed)
-    initial = ArrayRecord(trainable_state(model))
     evaluation = CentralEvaluation(job, model)
+    strategy = make_strategy(job, ndarrays_to_parameters(to_ndarrays(trainable_state(model))), evaluation)
     round_log = RoundLog()
-    strategy = make_strategy(job, round_log)
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=job.federation.rounds,
-        timeout=job.federation.round_timeout,
-        evaluate_fn=evaluation,
-    )
-    final = result.arrays if len(result.arrays) else initial  # empty when every round was declined
-    load_trainable_state(model, final.to_torch_state_dict())
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=job.federation.rounds), strategy=strategy)
+    make_workflow(job)(RecordingGrid(grid, round_log, job.federation.round_timeout), legacy)
+    # The workflow keeps the global weights in the context; unchanged when every round was declined.
+    final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
+    load_trainable_state(model, from_ndarrays(evaluation.names, final))
     save_model(model, job.data.labels, out / "model")
     trainable, total = count_parameters(model)
     extra = {
@@ -89,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "wall_seconds": round(time.perf_counter() - started, 2),
+        "institution_dp_rounds": strategy.noised_rounds if isinstance(strategy, ClippedUpdatesOnly) else 0,
     }
     metrics = build_metrics(job, evaluation.results, round_log, extra)
     write_report(out, metrics)

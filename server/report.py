@@ -13,62 +13,88 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from common import messages as m  # noqa: E402
 from common.config import JobConfig  # noqa: E402
-from server.strategy import RoundLog  # noqa: E402
+from common.accounting import institution_epsilon  # noqa: E402
+from server.round_log import RoundLog  # noqa: E402
 
 ACCOUNTANT_NAMES = {"rdp": "Rényi DP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
 
 
 def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: RoundLog, extra: dict) -> dict:
+    names = round_log.institutions()
     rounds = []
     for rnd in sorted(evaluations):
         replies = round_log.replies.get(rnd, {})
+        sent = [round_log.bytes_of(rnd, name) for name in names]
         rounds.append(
             {
                 "round": rnd,
                 **evaluations[rnd],
                 "train_loss": _mean([r[m.TRAIN_LOSS] for r in replies.values()]),
-                "bytes_up": sum(r["bytes_up"] for r in replies.values()),
-                "bytes_down": sum(r["bytes_down"] for r in replies.values()),
+                "bytes_down": sum(down for down, _ in sent),
+                "bytes_up": sum(up for _, up in sent),
                 "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},
                 "declined": round_log.declined.get(rnd, {}),
             }
         )
-    institutions = []
-    names = sorted({name for replies in round_log.replies.values() for name in replies})
-    for name in names:
-        history = [(rnd, round_log.replies[rnd][name]) for rnd in sorted(round_log.replies)
-                   if name in round_log.replies[rnd]]
-        last = history[-1][1]
-        institutions.append(
-            {
-                "name": name,
-                "examples": int(last[m.NUM_EXAMPLES]),
-                "epsilon": last[m.EPSILON],
-                "dataset_epsilon": last[m.DATASET_EPSILON],
-                "budget_epsilon": last[m.BUDGET_EPSILON],
-                "target_epsilon": job.privacy.target_epsilon,
-                "delta": last[m.DELTA],
-                "accountant": last["accountant"],
-                "noise_multiplier": last[m.NOISE_MULTIPLIER],
-                "sample_rate": last[m.SAMPLE_RATE],
-                "max_grad_norm": last[m.MAX_GRAD_NORM],
-                "steps": int(last[m.TOTAL_STEPS]),
-                "rounds": len(history),
-                "declined_rounds": sorted(rnd for rnd, names in round_log.declined.items() if name in names),
-                "bytes_up": sum(r["bytes_up"] for _, r in history),
-                "bytes_down": sum(r["bytes_down"] for _, r in history),
-                "train_seconds": sum(r[m.TRAIN_SECONDS] for _, r in history),
-                "epsilon_per_round": {str(rnd): r[m.EPSILON] for rnd, r in history},
-                "dataset_epsilon_per_round": {str(rnd): r[m.DATASET_EPSILON] for rnd, r in history},
-            }
-        )
+    institutions_dp = job.institution_dp
     return {
         "rounds": rounds,
-        "institutions": institutions,
+        "institutions": [_institution(job, round_log, name) for name in names],
         "config": json.loads(job.to_json()),
-        "secure_aggregation": False,
+        "secure_aggregation": job.secure_aggregation.enabled,
+        "institution_dp": {
+            "enabled": institutions_dp.enabled,
+            "noise_multiplier": institutions_dp.noise_multiplier,
+            "clipping_norm": institutions_dp.clipping_norm,
+            "delta": institutions_dp.delta,
+            "rounds": extra.get("institution_dp_rounds", 0),
+            "epsilon": institution_epsilon(
+                institutions_dp.noise_multiplier, extra.get("institution_dp_rounds", 0), institutions_dp.delta
+            ),
+            "accountant": "rdp",
+        } if institutions_dp.enabled else {"enabled": False},
         **extra,
     }
+
+
+def _institution(job: JobConfig, round_log: RoundLog, name: str) -> dict:
+    """One institution's account of the job; an institution that declined every round has no figures."""
+    history = [(rnd, round_log.replies[rnd][name]) for rnd in sorted(round_log.replies) if name in round_log.replies[rnd]]
+    sent = [round_log.bytes_of(rnd, name) for rnd in sorted(round_log.node_bytes)]
+    row = {
+        "name": name,
+        "rounds": len(history),
+        "declined_rounds": sorted(rnd for rnd, names in round_log.declined.items() if name in names),
+        "target_epsilon": job.privacy.target_epsilon,
+        "bytes_down": sum(down for down, _ in sent),
+        "bytes_up": sum(up for _, up in sent),
+        "train_seconds": sum(r[m.TRAIN_SECONDS] for _, r in history),
+        "epsilon_per_round": {str(rnd): r[m.EPSILON] for rnd, r in history},
+        "dataset_epsilon_per_round": {str(rnd): r[m.DATASET_EPSILON] for rnd, r in history},
+    }
+    if not history:
+        return dict(row, **{key: None for key in RELEASE_FIELDS}, epsilon=0.0, steps=0)
+    last = history[-1][1]
+    return dict(
+        row,
+        examples=int(last[m.RECORDS]),
+        epsilon=last[m.EPSILON],
+        dataset_epsilon=last[m.DATASET_EPSILON],
+        budget_epsilon=last[m.BUDGET_EPSILON],
+        delta=last[m.DELTA],
+        accountant=last[m.ACCOUNTANT],
+        noise_multiplier=last[m.NOISE_MULTIPLIER],
+        sample_rate=last[m.SAMPLE_RATE],
+        max_grad_norm=last[m.MAX_GRAD_NORM],
+        steps=int(last[m.TOTAL_STEPS]),
+    )
+
+
+# What only an institution that released something can report.
+RELEASE_FIELDS = (
+    "examples", "dataset_epsilon", "budget_epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
+    "max_grad_norm",
+)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -103,15 +129,38 @@ def privacy_report(metrics: dict) -> dict:
     return {
         "guarantee": "record-level (example-level) differential privacy, per institution, (epsilon, delta)",
         "mechanism": "DP-SGD (Opacus): Poisson sampling, per-record gradient clipping, Gaussian noise",
-        "secure_aggregation": metrics.get("secure_aggregation", False),
-        "institution_level_dp": False,
+        "secure_aggregation": metrics["secure_aggregation"],
+        "institution_level_dp": metrics["institution_dp"],
         "rounds_planned": metrics["config"]["federation"]["rounds"],
         "institutions": [{key: inst[key] for key in PRIVACY_FIELDS} for inst in metrics["institutions"]],
         "declined": {str(r["round"]): r["declined"] for r in metrics["rounds"] if r.get("declined")},
     }
 
 
+def cell(value, spec: str = "") -> str:
+    """A table cell; '-' for what an institution that never trained cannot report."""
+    if value is None:
+        return "-"
+    return ACCOUNTANT_NAMES.get(value, value) if isinstance(value, str) else format(value, spec)
+
+
+def institution_dp_line(dp: dict) -> str:
+    if not dp["enabled"]:
+        return "Institution-level DP at the coordinator: off."
+    return (
+        f"Institution-level DP at the coordinator: on (each institution's round update clipped to L2 norm "
+        f"{dp['clipping_norm']:g} by the institution, Gaussian noise multiplier {dp['noise_multiplier']:g} added to "
+        f"the average by the coordinator, Flower's DifferentialPrivacyClientSideFixedClipping): epsilon "
+        f"{dp['epsilon']:.4f} at delta {dp['delta']:g} over {dp['rounds']} noised rounds, {ACCOUNTANT_NAMES['rdp']}, "
+        "adding or removing one institution's whole data set."
+    )
+
+
 def render_privacy_markdown(report: dict) -> str:
+    secagg = (
+        "on (Flower SecAgg+: the coordinator received only masked updates and their sum)"
+        if report["secure_aggregation"] else "off (the coordinator saw each institution's noised update)"
+    )
     lines = [
         "# Privacy report",
         "",
@@ -119,8 +168,8 @@ def render_privacy_markdown(report: dict) -> str:
         f"- Mechanism: {report['mechanism']}.",
         "- Every epsilon is computed by the named accountant over the institution's whole released history for "
         "its data set (all jobs, all rounds, all local steps, at the real sampling rate), never summed by hand.",
-        f"- Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. "
-        f"Institution-level DP at the coordinator: {'on' if report['institution_level_dp'] else 'off'}.",
+        f"- Secure aggregation: {secagg}.",
+        f"- {institution_dp_line(report['institution_level_dp'])}",
         "",
         "| institution | records | epsilon this job | data set epsilon / budget | delta | accountant | sample rate "
         "| noise multiplier | clip norm | steps | rounds | declined rounds |",
@@ -128,10 +177,11 @@ def render_privacy_markdown(report: dict) -> str:
     ]
     for inst in report["institutions"]:
         lines.append(
-            f"| {inst['name']} | {inst['examples']} | {inst['epsilon']:.4f} | {inst['dataset_epsilon']:.4f} / "
-            f"{inst['budget_epsilon']:g} | {inst['delta']:g} | {ACCOUNTANT_NAMES[inst['accountant']]} | "
-            f"{inst['sample_rate']:.4f} | {inst['noise_multiplier']:.4f} | {inst['max_grad_norm']:g} | {inst['steps']} | "
-            f"{inst['rounds']} | {', '.join(map(str, inst['declined_rounds'])) or '-'} |"
+            f"| {inst['name']} | {cell(inst['examples'])} | {inst['epsilon']:.4f} | "
+            f"{cell(inst['dataset_epsilon'], '.4f')} / {cell(inst['budget_epsilon'], 'g')} | {cell(inst['delta'], 'g')} | "
+            f"{cell(inst['accountant'])} | {cell(inst['sample_rate'], '.4f')} | {cell(inst['noise_multiplier'], '.4f')} | "
+            f"{cell(inst['max_grad_norm'], 'g')} | {inst['steps']} | {inst['rounds']} | "
+            f"{', '.join(map(str, inst['declined_rounds'])) or '-'} |"
         )
     for rnd, names in report["declined"].items():
         for name, why in names.items():
@@ -155,7 +205,8 @@ def render_markdown(metrics: dict) -> str:
         f"{privacy['target_epsilon']}; each institution grants at most what its own budget has left. Every epsilon "
         "below is the institution's accountant over its whole released history (all rounds, all local steps, the "
         "real sampling rate), at the delta shown.",
-        f"- Secure aggregation: {'on' if metrics.get('secure_aggregation') else 'off'}.",
+        f"- Secure aggregation: {'on (SecAgg+)' if metrics['secure_aggregation'] else 'off'}. "
+        f"{institution_dp_line(metrics['institution_dp'])}",
         f"- Wall time: {metrics.get('wall_seconds', 0):.1f} s.",
         "",
         "## Rounds",
@@ -178,10 +229,10 @@ def render_markdown(metrics: dict) -> str:
     ]
     for inst in metrics["institutions"]:
         lines.append(
-            f"| {inst['name']} | {inst['examples']} | {inst['epsilon']:.3f} | {inst['dataset_epsilon']:.3f} / "
-            f"{inst['budget_epsilon']:g} | {inst['delta']:g} | {ACCOUNTANT_NAMES[inst['accountant']]} | "
-            f"{inst['noise_multiplier']:.4f} | {inst['sample_rate']:.4f} | {inst['max_grad_norm']} | {inst['steps']} | "
-            f"{inst['rounds']} ({len(inst['declined_rounds'])}) | {inst['bytes_up']:,} | {inst['bytes_down']:,} |"
+            f"| {inst['name']} | {cell(inst['examples'])} | {inst['epsilon']:.3f} | {cell(inst['dataset_epsilon'], '.3f')} / "
+            f"{cell(inst['budget_epsilon'], 'g')} | {cell(inst['delta'], 'g')} | {cell(inst['accountant'])} | "
+            f"{cell(inst['noise_multiplier'], '.4f')} | {cell(inst['sample_rate'], '.4f')} | {cell(inst['max_grad_norm'], 'g')} | "
+            f"{inst['steps']} | {inst['rounds']} ({len(inst['declined_rounds'])}) | {inst['bytes_up']:,} | {inst['bytes_down']:,} |"
         )
     lines += ["", "![accuracy](accuracy.png)", "", "![epsilon](epsilon.png)", ""]
     return "\n".join(lines)
@@ -204,7 +255,7 @@ def _plot_epsilon(path: Path, metrics: dict) -> None:
     for inst in metrics["institutions"]:
         points = sorted((int(k), v) for k, v in inst["dataset_epsilon_per_round"].items())
         ax.plot([0] + [p[0] for p in points], [0.0] + [p[1] for p in points], marker="o", label=inst["name"])
-    for budget in sorted({inst["budget_epsilon"] for inst in metrics["institutions"]}):
+    for budget in sorted({inst["budget_epsilon"] for inst in metrics["institutions"]} - {None}):
         ax.axhline(budget, color="red", linestyle="--", label=f"budget ε={budget:g}")
     ax.set(xlabel="round", ylabel="epsilon spent on the data set", title="Privacy budget burn-down")
     if metrics["institutions"]:

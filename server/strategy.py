@@ -1,104 +1,103 @@
-"""The federated strategy: one of Flower's Message API strategies, plus a record of each round.
+"""How a job's rounds run: one of Flower's strategies inside Flower's workflow, SecAgg+ by default.
 
-Flower's strategies aggregate metrics across institutions; a privacy report needs them per
-institution. `with_round_log` subclasses the chosen strategy to keep what each institution
-reported and how many bytes went each way, and to stop the job when an institution fails
-instead of silently averaging the survivors.
+Flower 1.39's SecAgg+ works only with the legacy fit workflow (`DefaultWorkflow` +
+`SecAggPlusWorkflow` on the coordinator, `secaggplus_mod` on the institution), so every job runs on
+that workflow, with or without secure aggregation: one code path for simulation and deployment.
+With SecAgg+ the coordinator only ever holds the sum of the institutions' masked updates.
+
+Institution-level DP (`[institution_dp]`) wraps the strategy in Flower's
+`DifferentialPrivacyClientSideFixedClipping`; `ClippedUpdatesOnly` refuses any round in which an
+institution did not report clipping its update to the bound the noise was calibrated for, since
+Flower's wrapper would otherwise add noise to unclipped updates without a word.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from logging import WARNING
+import math
+from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.common import NDArrays, Parameters, Scalar
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 
 from common import messages as m
 from common.config import JobConfig
+from server.round_log import InstitutionFailed
+
+# SecAgg+ sums quantised values modulo 2**32; each institution's must stay below 2**32 / institutions,
+# and Flower's stochastic rounding casts to int32.
+MODULUS = 2**32
+MAX_QUANTIZATION = 2**30
+
+EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]
 
 
-DECLINED_REASON = re.compile(re.escape(m.DECLINED) + r"\[([^\]]+)\]: ([^'\n]*)")
+class ClippedUpdatesOnly(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's central-DP wrapper that adds noise only to updates clipped by the institutions."""
+
+    noised_rounds: int = 0
+
+    def aggregate_fit(self, server_round, results, failures):
+        for _, fit_res in results:
+            name = fit_res.metrics.get(m.INSTITUTION, "an institution")
+            if fit_res.metrics.get(m.CLIPPED_TO) != self.clipping_norm or fit_res.num_examples != 1:
+                raise InstitutionFailed(
+                    f"round {server_round}: {name} did not clip its update to {self.clipping_norm} with unit "
+                    "weight; institution-level noise would not protect it"
+                )
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            self.noised_rounds += 1
+        return parameters, metrics
 
 
-class InstitutionFailed(RuntimeError):
-    """An institution replied with an error; the job stops with its reason."""
-
-
-@dataclass
-class RoundLog:
-    """Per round: what each institution reported, keyed by institution name."""
-
-    replies: dict[int, dict[str, dict]] = field(default_factory=dict)
-    bytes_down: dict[int, int] = field(default_factory=dict)
-    declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> reason
-
-    def add(self, server_round: int, institution: str, metrics: dict, bytes_up: int) -> None:
-        entry = dict(metrics, bytes_up=bytes_up, bytes_down=self.bytes_down.get(server_round, 0))
-        self.replies.setdefault(server_round, {})[institution] = entry
-
-
-def _with_round_log(base: type[Strategy]) -> type[Strategy]:
-    class Logged(base):  # type: ignore[misc, valid-type]
-        round_log: RoundLog
-
-        def configure_train(
-            self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-        ) -> Iterable[Message]:
-            self.round_log.bytes_down[server_round] = arrays.count_bytes()
-            return super().configure_train(server_round, arrays, config, grid)
-
-        def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-            trained = []
-            for reply in replies:
-                if reply.has_error():
-                    self._declined_or_fail(server_round, reply.error.reason)
-                    continue
-                info = reply.content.config_records[m.INFO]
-                metrics = dict(reply.content.metric_records["metrics"], accountant=str(info[m.ACCOUNTANT]))
-                bytes_up = reply.content.array_records["arrays"].count_bytes()
-                self.round_log.add(server_round, str(info[m.INSTITUTION]), metrics, bytes_up)
-                trained.append(reply)
-            return super().aggregate_train(server_round, trained)
-
-        def _declined_or_fail(self, server_round: int, reason: str) -> None:
-            declined = DECLINED_REASON.search(reason)
-            if declined is None:
-                raise InstitutionFailed(f"round {server_round}: an institution failed: {reason}")
-            name, why = declined.groups()
-            log(WARNING, "round %s: %s declined: %s", server_round, name, why)
-            self.round_log.declined.setdefault(server_round, {})[name] = why
-
-    Logged.__name__ = Logged.__qualname__ = base.__name__
-    return Logged
-
-
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": _with_round_log(FedAvg),
-    "fedprox": _with_round_log(FedProx),
-    "fedadam": _with_round_log(FedAdam),
-}
-
-
-def make_strategy(job: JobConfig, round_log: RoundLog) -> Strategy:
+def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn) -> Strategy:
     """Every institution trains in every round; the coordinator evaluates centrally."""
     fed = job.federation
     common = dict(
-        fraction_train=1.0,
+        fraction_fit=1.0,
         fraction_evaluate=0.0,
-        min_train_nodes=fed.institutions,
-        min_evaluate_nodes=0,
-        min_available_nodes=fed.institutions,
+        min_fit_clients=fed.institutions,
+        min_evaluate_clients=0,
+        min_available_clients=fed.institutions,
+        initial_parameters=initial,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=lambda server_round: {
+            m.SERVER_ROUND: server_round,
+            m.MAX_WEIGHT: job.secure_aggregation.max_weight,
+        },
+        # Per-institution metrics are kept by server.round_log, not averaged.
+        fit_metrics_aggregation_fn=lambda results: {},
     )
-    extra = {
-        "fedavg": {},
-        "fedprox": {"proximal_mu": fed.proximal_mu},
-        "fedadam": {"eta": fed.server_learning_rate, "eta_l": job.training.learning_rate},
-    }[fed.strategy]
-    strategy = STRATEGIES[fed.strategy](**common, **extra)
-    strategy.round_log = round_log
+    strategy: Strategy = {
+        "fedavg": lambda: FedAvg(**common),
+        "fedprox": lambda: FedProx(**common, proximal_mu=fed.proximal_mu),
+        "fedadam": lambda: FedAdam(**common, eta=fed.server_learning_rate, eta_l=job.training.learning_rate),
+    }[fed.strategy]()
+    dp = job.institution_dp
+    if dp.enabled:
+        strategy = ClippedUpdatesOnly(strategy, dp.noise_multiplier, dp.clipping_norm, fed.institutions)
     return strategy
+
+
+def quantization_range(institutions: int) -> int:
+    """The finest SecAgg+ quantisation whose sum over all institutions cannot wrap around."""
+    return min(MAX_QUANTIZATION, 2 ** int(math.log2(MODULUS // institutions)))
+
+
+def make_workflow(job: JobConfig) -> DefaultWorkflow:
+    secagg = job.secure_aggregation
+    if not secagg.enabled:
+        return DefaultWorkflow(fit_workflow=default_fit_workflow)
+    return DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=1.0,  # every institution holds a share of every other's key
+            reconstruction_threshold=secagg.reconstruction_threshold,
+            max_weight=float(secagg.max_weight),
+            clipping_range=secagg.clipping_range,
+            quantization_range=quantization_range(job.federation.institutions),
+            modulus_range=MODULUS,
+            timeout=job.federation.round_timeout,
+        )
+    )

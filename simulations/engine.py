@@ -20,10 +20,13 @@ from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
 from client.app import STATE_DIR_ENV
-from client.app import app as client_app
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+from client.app import app as institution_app
 from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig
 from common.flower_env import quiet_flower
-from server.app import app as server_app
+from server.app import app as coordinator_app
 
 
 def _new_run(run_config: dict) -> Run:
@@ -49,9 +52,11 @@ def simulate(
     cpus_per_institution: float = 1.0,
     gpus_per_institution: float = 0.0,
     verbose: bool = False,
+    server_app: ServerApp = coordinator_app,
+    client_app: ClientApp = institution_app,
 ) -> None:
     """Run `job` with `job.federation.institutions` simulated institutions; results go to `out`,
-    institution `name`'s privacy ledger to `state_dir/name`."""
+    institution `name`'s privacy ledger to `state_dir/name`. Other apps: tests that observe the real ones."""
     if not verbose:
         quiet_flower()
     os.environ[STATE_DIR_ENV] = str(state_dir)

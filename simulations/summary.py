@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from server.report import cell, institution_dp_line
+
 
 def print_summary(out: Path, console: Console) -> None:
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -32,14 +34,16 @@ def print_summary(out: Path, console: Console) -> None:
         institutions.add_column(column, justify="right")
     for inst in metrics["institutions"]:
         institutions.add_row(
-            inst["name"], str(inst["examples"]), f"{inst['epsilon']:.3f}",
-            f"{inst['dataset_epsilon']:.3f}/{inst['budget_epsilon']:g}",
-            f"{inst['delta']:g}", f"{inst['noise_multiplier']:.4f}", f"{inst['sample_rate']:.4f}",
-            f"{inst['max_grad_norm']:g}", str(inst["steps"]), f"{inst['bytes_up']:,}", f"{inst['bytes_down']:,}",
+            inst["name"], cell(inst["examples"]), f"{inst['epsilon']:.3f}",
+            f"{cell(inst['dataset_epsilon'], '.3f')}/{cell(inst['budget_epsilon'], 'g')}",
+            cell(inst["delta"], "g"), cell(inst["noise_multiplier"], ".4f"), cell(inst["sample_rate"], ".4f"),
+            cell(inst["max_grad_norm"], "g"), str(inst["steps"]), f"{inst['bytes_up']:,}", f"{inst['bytes_down']:,}",
         )
     console.print(institutions)
-    accountants = ", ".join(sorted({inst["accountant"] for inst in metrics["institutions"]}))
+    accountants = ", ".join(sorted({inst["accountant"] for inst in metrics["institutions"]} - {None}))
     console.print(
-        f"accountant: {accountants} over each data set's whole released history; "
+        f"accountant: {accountants or '-'} over each data set's whole released history; "
+        f"secure aggregation {'on (SecAgg+)' if metrics['secure_aggregation'] else 'off'}; "
+        f"{institution_dp_line(metrics['institution_dp'])}\n"
         f"wall time {metrics['wall_seconds']:.1f} s; run folder {out}"
     )

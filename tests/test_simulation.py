@@ -92,7 +92,11 @@ def test_a_second_job_on_a_spent_budget_is_declined(finished_run, banking_slice,
     )
     assert code == 0
     metrics = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert metrics["institutions"] == []  # nobody released anything
+    # Nobody released anything, and the report still has a row for every institution that declined.
+    assert [(i["name"], i["rounds"], i["declined_rounds"], i["epsilon"]) for i in metrics["institutions"]] == [
+        ("institution-1", 0, [1, 2], 0.0), ("institution-2", 0, [1, 2], 0.0)
+    ]
+    assert "| institution-1 | - | 0.0000 | - / - |" in (tmp_path / "again" / "privacy.md").read_text()
     for rnd in metrics["rounds"][1:]:
         assert sorted(rnd["declined"]) == ["institution-1", "institution-2"]
         assert "declined" in next(iter(rnd["declined"].values()))

@@ -1,0 +1,128 @@
+"""What crossed the wire in each round, recorded where the ServerApp meets Flower's Grid.
+
+Flower's workflows aggregate; a privacy report needs per-institution facts, and with SecAgg+ a
+round is four exchanges whose traffic no strategy sees whole. `RecordingGrid` sits between the
+workflow and the real Grid: it counts the bytes of every message to and from each node, keeps
+the metrics each institution reports with its (masked or plain) update, logs declined rounds,
+and stops the job when an institution fails for any other reason instead of letting the
+workflow carry on silently with fewer updates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import messages as m
+
+DECLINED_REASON = re.compile(re.escape(m.DECLINED) + r"\[([^\]]+)\]: ([^'\n]*)")
+
+
+class InstitutionFailed(RuntimeError):
+    """An institution replied with an error; the job stops with its reason."""
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message: weights, masked vectors, keys and shares, metrics.
+
+    Counted here rather than with Flower's `ConfigRecord.count_bytes`, which fails on the empty
+    lists SecAgg+ sends (flwr 1.39: IndexError).
+    """
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in [*content.config_records.values(), *content.metric_records.values()]:
+        total += sum(len(key) + _value_bytes(value) for key, value in record.items())
+    return total
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, list):
+        return sum(map(_value_bytes, value))
+    return len(value) if isinstance(value, (str, bytes)) else 8  # numbers travel as 64 bits
+
+
+@dataclass
+class RoundLog:
+    """Per round: what each institution reported and sent, keyed by institution name."""
+
+    replies: dict[int, dict[str, dict]] = field(default_factory=dict)
+    declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> reason
+    node_bytes: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # round -> node -> [down, up]
+    node_names: dict[int, str] = field(default_factory=dict)
+
+    def count(self, server_round: int, node_id: int, down: int = 0, up: int = 0) -> None:
+        sent = self.node_bytes.setdefault(server_round, {}).setdefault(node_id, [0, 0])
+        sent[0] += down
+        sent[1] += up
+
+    def bytes_of(self, server_round: int, name: str) -> tuple[int, int]:
+        """(down, up) bytes of every exchange with institution `name` in a round."""
+        nodes = [node for node, known in self.node_names.items() if known == name]
+        sent = [self.node_bytes.get(server_round, {}).get(node, [0, 0]) for node in nodes]
+        return sum(s[0] for s in sent), sum(s[1] for s in sent)
+
+    def institutions(self) -> list[str]:
+        """Everyone who replied or declined, including institutions that declined every round."""
+        named = {name for replies in self.replies.values() for name in replies}
+        named |= {name for declined in self.declined.values() for name in declined}
+        return sorted(named)
+
+
+class RecordingGrid(Grid):
+    """A Grid that records each exchange into a `RoundLog` and enforces a reply timeout."""
+
+    def __init__(self, grid: Grid, round_log: RoundLog, timeout: float):
+        self.grid, self.round_log, self.timeout = grid, round_log, timeout
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for message in messages:
+            self.round_log.count(int(message.metadata.group_id), message.metadata.dst_node_id,
+                                 down=content_bytes(message.content))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.timeout))
+        for reply in replies:
+            self._record(reply)
+        return replies
+
+    def _record(self, reply: Message) -> None:
+        server_round, node = int(reply.metadata.group_id), reply.metadata.src_node_id
+        if reply.has_error():
+            declined = DECLINED_REASON.search(reply.error.reason)
+            if declined is None:
+                raise InstitutionFailed(f"round {server_round}: an institution failed: {reply.error.reason}")
+            name, why = declined.groups()
+            log(WARNING, "round %s: %s declined: %s", server_round, name, why)
+            self.round_log.node_names[node] = name
+            self.round_log.declined.setdefault(server_round, {})[name] = why
+            return
+        self.round_log.count(server_round, node, up=content_bytes(reply.content))
+        if m.FIT_METRICS in reply.content.config_records:  # the reply that carries the update
+            metrics = dict(reply.content.config_records[m.FIT_METRICS])
+            name = str(metrics[m.INSTITUTION])
+            self.round_log.node_names[node] = name
+            self.round_log.replies.setdefault(server_round, {})[name] = metrics
+
+    # Everything else goes straight to Flower's Grid.
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
