@@ -30,6 +30,8 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
                 "round": rnd,
                 **evaluations[rnd],
                 "train_loss": _mean([r[m.TRAIN_LOSS] for r in replies.values()]),
+                # the rest of a round's wall time is coordination: polling, process starts, SecAgg+
+                "slowest_training_seconds": max((r[m.TRAIN_SECONDS] for r in replies.values()), default=None),
                 "bytes_down": sum(down for down, _ in sent),
                 "bytes_up": sum(up for _, up in sent),
                 "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},

@@ -25,6 +25,12 @@ from common.model import ModelError
 from common.progress import ENV_VAR as PROGRESS_ENV, Follower
 from simulations.summary import print_summary
 
+def on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {value!r}")
+    return value == "on"
+
+
 # flag -> dotted config key; every flag here is a plain override of the job file.
 OVERRIDES = {
     "institutions": ("federation.institutions", int, "number of simulated institutions"),
@@ -36,6 +42,7 @@ OVERRIDES = {
     "delta": ("privacy.delta", float, "delta of the (epsilon, delta) guarantee"),
     "max_grad_norm": ("privacy.max_grad_norm", float, "per-record clipping bound"),
     "accountant": ("privacy.accountant", str, "rdp or prv"),
+    "secure_aggregation": ("secure_aggregation.enabled", on_off, "SecAgg+: on (default) or off, to measure its cost"),
     "lora_rank": ("model.lora_rank", int, "LoRA rank"),
     "trainable_layers": ("model.trainable_layers", int, "upper layers that get LoRA"),
     "max_length": ("model.max_length", int, "tokens kept per text"),

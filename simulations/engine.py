@@ -19,11 +19,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.telemetry import EventType
 
-from client.app import STATE_DIR_ENV
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from client.app import app as institution_app
+from client.round import STATE_DIR_ENV
 from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig
 from common.flower_env import quiet_flower
 from server.app import app as coordinator_app
