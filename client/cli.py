@@ -1,8 +1,9 @@
 """`fedtune-client`: run an institution's node in a fedtune consortium.
 
 The institution operator makes a node key and sends its public half to the coordinator, checks
-the local data file against the job, and starts the node. Records never leave this machine: the
-node trains on them locally and sends only DP-noised model updates over TLS.
+the local data file against the job, approves the app bundle (the code) the coordinator will
+ship, and starts the node. Records never leave this machine: the node trains on them locally
+and sends only DP-noised model updates over TLS.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import argparse
 import json
 import sys
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
+from client import approval
+from client.approval import ApprovalError
 from client.daemon import NodeError, NodeSettings, Supervisor
 from client.keys import NodeKeyError, check_private_key, generate
 from client.ledger import LEDGER_FILE, PrivacyLedger, budget_summary
@@ -24,6 +28,10 @@ DEFAULT_STATE = Path("~/.fedtune/institution").expanduser()
 INSECURE_WARNING = (
     "WARNING: --insecure: TLS is off. Model updates cross the network unencrypted and the coordinator is "
     "not authenticated. Use only for a trial on one machine."
+)
+ANY_BUNDLE_WARNING = (
+    "WARNING: --allow-any-bundle: this node runs whatever code the coordinator ships, next to your data, "
+    "without your approval. Use only while developing fedtune itself."
 )
 
 
@@ -62,6 +70,14 @@ def cmd_start(args: argparse.Namespace) -> int:
         check_private_key(args.private_key)
     state_dir = args.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    if args.allow_any_bundle:
+        print(ANY_BUNDLE_WARNING, file=sys.stderr, flush=True)
+    else:
+        path = approval.approvals_file(state_dir)
+        if approved := approval.load(path):
+            say(f"{len(approved)} app bundle(s) approved in {path}; jobs shipping any other bundle are refused")
+        else:
+            say("no app bundle approved yet: every job is refused until you run `fedtune-client approve HASH`")
     budget = {key: value for key, value in (("budget-epsilon", args.budget_epsilon),
                                             ("budget-delta", args.budget_delta),
                                             ("accountant", args.accountant)) if value is not None}
@@ -69,7 +85,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         superlink=args.superlink, data=args.data, name=args.name, state_dir=state_dir,
         root_certificates=None if args.insecure else args.root_certificates,
         private_key=None if args.insecure else args.private_key,
-        device=args.device, host=args.host, port=args.port, budget=budget,
+        device=args.device, host=args.host, port=args.port, budget=budget, allow_any_bundle=args.allow_any_bundle,
     )
     Supervisor(settings, say).run()
     say("stopped")
@@ -92,6 +108,36 @@ def cmd_budget(args: argparse.Namespace) -> int:
         print(f"  remaining epsilon {row['remaining_epsilon']:.4f}")
         for job, rounds in row["jobs"].items():
             print(f"  job {job}: rounds {', '.join(map(str, rounds))}")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    bundle = approval.parse_hash(args.hash)
+    path = approval.approvals_file(args.state_dir.expanduser())
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    approval.save(path, approval.with_approval(approval.load(path), bundle, args.note or "", when))
+    say(f"approved app bundle sha256:{bundle} in {path}; jobs shipping it run from their next message on")
+    return 0
+
+
+def cmd_unapprove(args: argparse.Namespace) -> int:
+    bundle = approval.parse_hash(args.hash)
+    path = approval.approvals_file(args.state_dir.expanduser())
+    approval.save(path, approval.without_approval(approval.load(path), bundle))
+    say(f"revoked app bundle sha256:{bundle}; the node refuses its next message")
+    return 0
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    path = approval.approvals_file(args.state_dir.expanduser())
+    approved = approval.load(path)
+    if args.json:
+        print(json.dumps(approved, indent=2, sort_keys=True))
+        return 0
+    if not approved:
+        say(f"no app bundle approved in {path}")
+    for bundle, entry in sorted(approved.items(), key=lambda item: item[1]["approved"]):
+        print(f"{bundle}  approved {entry['approved']}  {entry.get('note', '')}".rstrip())
     return 0
 
 
@@ -135,11 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--host", default="127.0.0.1", help="address of the node's local app API (default 127.0.0.1)")
     start.add_argument("--port", type=int, default=9094, help="port of the node's local app API; one per node (default 9094)")
     start.add_argument("--insecure", action="store_true", help="connect without TLS (local trials only)")
+    start.add_argument("--allow-any-bundle", action="store_true",
+                       help="run any app bundle the coordinator ships, approved or not (development only)")
     start.set_defaults(run=cmd_start)
 
-    budget = commands.add_parser("budget", help="show each data set's privacy budget, spent and remaining")
-    budget.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
-                        help=f"the node's state folder, as given to `start` (default {DEFAULT_STATE})")
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
+                       help=f"the node's state folder, as given to `start` (default {DEFAULT_STATE})")
+    approve = commands.add_parser("approve", parents=[state],
+                                  help="let the node run the app bundle with this SHA-256 (`fedtune-server bundle` prints it)")
+    approve.add_argument("hash", metavar="HASH", help="the bundle's SHA-256, 64 hex digits")
+    approve.add_argument("--note", help="why, or who reviewed it; shown by `approvals`")
+    approve.set_defaults(run=cmd_approve)
+
+    unapprove = commands.add_parser("unapprove", parents=[state], help="revoke an app bundle's approval")
+    unapprove.add_argument("hash", metavar="HASH", help="the bundle's SHA-256")
+    unapprove.set_defaults(run=cmd_unapprove)
+
+    approvals = commands.add_parser("approvals", parents=[state], help="list the approved app bundles")
+    approvals.add_argument("--json", action="store_true", help="print JSON instead of text")
+    approvals.set_defaults(run=cmd_approvals)
+
+    budget = commands.add_parser("budget", parents=[state], help="show each data set's privacy budget, spent and remaining")
     budget.add_argument("--json", action="store_true", help="print JSON instead of text")
     budget.set_defaults(run=cmd_budget)
     return parser
@@ -153,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(node.key from `fedtune-client keygen`); --insecure is for local trials only")
     try:
         return args.run(args)
-    except (ConfigError, DataError, NodeKeyError) as exc:
+    except (ConfigError, DataError, NodeKeyError, ApprovalError) as exc:
         print(f"fedtune-client: error: {exc}", file=sys.stderr)
         return 2
     except (NodeError, ProcessError) as exc:

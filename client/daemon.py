@@ -5,6 +5,10 @@ the consortium CA, the host name, HTTP/2), so a wrong CA or certificate is a one
 instead of a silent retry loop. When the SuperNode exits on its own it is restarted with backoff
 (network faults, a coordinator restart), unless its output shows a fault no restart can fix: the
 coordinator refused this institution's key, or the TLS handshake failed.
+
+The SuperNode runs with `--isolation process`, so it starts no app process itself: the bundle
+gate (client/gate.py), started beside it and ending with it, starts a ClientApp only for an app
+bundle this institution's operator approved (client/approval.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ from pathlib import Path
 
 import tomli_w
 
-from common.processes import FlowerProcess, flower_env, flower_executable, on_stop_signals, split_address
+from common.processes import (
+    FlowerProcess,
+    dial_host,
+    flower_env,
+    flower_executable,
+    on_stop_signals,
+    split_address,
+)
 from common.progress import ENV_VAR as PROGRESS_ENV
 
 PROBE_TIMEOUT = 10.0
@@ -62,6 +73,7 @@ class NodeSettings:
     host: str = "127.0.0.1"
     port: int = 9094
     budget: dict[str, float | str] = field(default_factory=dict)  # budget-epsilon, budget-delta, accountant
+    allow_any_bundle: bool = False  # development only: the gate runs unapproved bundles too
 
     @property
     def flwr_home(self) -> Path:
@@ -106,7 +118,16 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     return command + [
         "--host", settings.host, "--port", str(settings.port),
         "--node-config", str(settings.node_config_file),
+        "--isolation", "process",  # app processes are started by the bundle gate, not by the SuperNode
     ]
+
+
+def gate_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
+    command = [sys.executable, "-m", "client.gate",
+               "--runtime-api-address", f"{dial_host(settings.host)}:{settings.port}",
+               "--state-dir", str(settings.state_dir), "--name", settings.name,
+               "--parent-pid", str(supernode_pid)]
+    return command + (["--allow-any-bundle"] if settings.allow_any_bundle else [])
 
 
 def probe(superlink: str, root_certificates: Path | None) -> str | None:
@@ -180,11 +201,13 @@ class Supervisor:
         self.say = say
         self.stopping = threading.Event()
         self.process: FlowerProcess | None = None
+        self.gate: FlowerProcess | None = None
 
     def request_stop(self, _signum: int = signal.SIGTERM) -> None:
         self.stopping.set()
-        if self.process is not None:
-            self.process.signal_group(signal.SIGTERM)
+        for process in (self.process, self.gate):
+            if process is not None:
+                process.signal_group(signal.SIGTERM)
 
     def run(self) -> None:
         """Returns after a stop request; raises NodeError on a fault restarting cannot fix."""
@@ -220,17 +243,24 @@ class Supervisor:
                 backoff = self._pause(backoff)
 
     def _run_once(self, env: dict[str, str]) -> collections.deque[str]:
-        """Run one SuperNode to its end, echoing its output; the last lines of that output."""
+        """Run one SuperNode and its bundle gate to the end of either, echoing the SuperNode's
+        output; the last lines of that output. The gate's output goes straight to ours."""
         self.process = FlowerProcess(supernode_command(self.settings), env, stdout=subprocess.PIPE)
         self.say(f"SuperNode started (pid {self.process.pid}), connecting to {self.settings.superlink} as {self.settings.name}")
         tail: collections.deque[str] = collections.deque(maxlen=50)
         echo = threading.Thread(target=_echo, args=(self.process.stdout, tail), daemon=True)
         echo.start()
+        self.gate = FlowerProcess(gate_command(self.settings, self.process.pid), env)
         try:
-            self.process.wait()
+            while self.process.poll() is None:
+                if self.gate.poll() is not None and not self.stopping.is_set():
+                    self.say(f"the bundle gate exited (code {self.gate.poll()}); stopping the SuperNode to restart both")
+                    break
+                time.sleep(0.5)
         finally:
-            # Its SuperExec outlives it for a while, retrying, and holds the output pipe open.
+            # Each stop clears a whole process group: the gate's ClientApps go with the gate.
             self.process.stop()
+            self.gate.stop()
         echo.join()
         return tail
 

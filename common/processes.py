@@ -1,8 +1,8 @@
 """Starting and stopping Flower's own programs (superlink, supernode, flwr) from fedtune.
 
 Every Flower process gets the same environment: Flower's phone-home features off, its own
-FLWR_HOME, and this Python's `bin` folder first on PATH (the SuperLink and SuperNode start
-`flower-superexec` by name). Each long-running one lives in its own process group, so stopping
+FLWR_HOME, and this Python's `bin` folder first on PATH (the SuperLink starts
+`flower-superexec`, and the institution's bundle gate `flwr-clientapp`, by name). Each long-running one lives in its own process group, so stopping
 it also stops the SuperExec and the app processes it spawned.
 """
 

@@ -2,7 +2,8 @@
 
 The coordinator operator creates the consortium CA and the coordinator's TLS certificate,
 starts the coordinator (a Flower SuperLink with TLS and institution authentication), admits each
-institution by its public key, and submits jobs. Institutions never send records, only updates.
+institution by its public key, tells institutions the hash of the app bundle to approve, and
+submits jobs. Institutions never send records, only updates.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from server.coordinator import (
     Coordinator,
     CoordinatorError,
     TlsFiles,
+    bundle_hash,
     outside_app_folder,
     superlink_command,
     validate_job,
@@ -125,6 +127,17 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(_args: argparse.Namespace) -> int:
+    print(bundle_hash())
+    return 0
+
+
+def _failure(run: dict) -> str:
+    """Flower's reason a run failed (for fedtune's jobs it carries an institution's reason), or ''."""
+    details = run.get("status-details") or ""
+    return "" if details in ("", "N/A") or run["status"] == COMPLETED else details
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     job = validate_job(args.job)
     out = outside_app_folder(args.out, "run folder")
@@ -132,7 +145,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise CoordinatorError(f"{out}: not empty; give each run a new folder")
     coordinator = Coordinator(args.state_dir)
     run_id = coordinator.submit(job, out)
+    bundle = coordinator.runs(run_id)[0]["fab-hash"]
     say(f"submitted run {run_id}: {job.federation.institutions} institutions, {job.federation.rounds} rounds -> {out}")
+    say(f"app bundle sha256:{bundle} (each institution must have approved it)")
     if args.detach:
         say(f"follow it with `fedtune-server status {run_id}`")
         return 0
@@ -142,8 +157,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         say(f"stopped following; run {run_id} goes on (`fedtune-server status {run_id}`)")
         return 130
     if run["status"] != COMPLETED:
-        details = run.get("status-details") or ""
-        say(f"error: run {run_id} ended {run['status']}{': ' + details if details not in ('', 'N/A') else ''}"
+        details = _failure(run)
+        say(f"error: run {run_id} ended {run['status']}{': ' + details if details else ''}"
             f" (see `flwr log {run_id}` with FLWR_HOME={coordinator.flwr_home})")
         return 1
     summary = ""
@@ -160,9 +175,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not runs:
         say("no runs yet")
         return 0
-    print(f"{'RUN ID':<22} {'STATUS':<20} {'ELAPSED':>8}  RUN FOLDER")
+    print(f"{'RUN ID':<22} {'STATUS':<20} {'ELAPSED':>8}  {'BUNDLE':<12}  RUN FOLDER")
     for run in runs:
-        print(f"{run['run-id']:<22} {run['status']:<20} {run['elapsed']:>7.0f}s  {run['out'] or '-'}")
+        print(f"{run['run-id']:<22} {run['status']:<20} {run['elapsed']:>7.0f}s  {run['fab-hash'][:12]:<12}  "
+              f"{run['out'] or '-'}")
+    for run in runs:
+        if details := _failure(run):
+            print(f"run {run['run-id']} {run['status']}: {details}")
     return 0
 
 
@@ -221,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke", parents=[state], help="revoke an institution (it is cut off at once)")
     revoke.add_argument("institution", metavar="NAME_OR_ID", help="institution name or node id")
     revoke.set_defaults(run=cmd_revoke)
+
+    bundle = commands.add_parser("bundle", help="print the SHA-256 of the app bundle `submit` would ship now "
+                                 "(institutions approve it with `fedtune-client approve HASH`)")
+    bundle.set_defaults(run=cmd_bundle)
 
     submit = commands.add_parser("submit", parents=[state], help="check a job, run it and wait for the result")
     submit.add_argument("job", type=Path, metavar="JOB.toml", help="job file (see `fedtune-sim --print-config`)")

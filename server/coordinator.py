@@ -3,7 +3,8 @@
 Everything the coordinator operator does goes through Flower's own programs: `flower-superlink`
 runs the federation, and the `flwr` CLI admits institutions and submits jobs over the SuperLink's
 TLS control API. fedtune adds what Flower does not keep: the institutions' names (Flower 1.39
-stores a node's name but never lists it) and which run folder belongs to which run.
+stores a node's name but never lists it) and which run folder belongs to which run. Institutions
+run only app bundles they approved by hash; `bundle_hash` tells the operator which hash to send.
 
 The state folder holds the SuperLink database, a private FLWR_HOME whose `config.toml` names the
 connection `fedtune`, `institutions.json` and `runs.json`. It must lie outside the app folder:
@@ -12,6 +13,7 @@ connection `fedtune`, `institutions.json` and `runs.json`. It must lie outside t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import tomli_w
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.build import build_fab_from_disk
 
 from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
 from common.data import read_records
@@ -63,6 +66,16 @@ def outside_app_folder(path: Path, what: str) -> Path:
             "institution; use a folder outside it (or under runs/)"
         )
     return path
+
+
+def bundle_hash(app: Path = REPO_ROOT) -> str:
+    """The SHA-256 of the app bundle `flwr run` would ship from `app` now, which is the hash each
+    institution checks. Built by the same Flower function `flwr run` calls; its zip is deterministic
+    (sorted paths, fixed timestamps), so the hash changes only when a bundled file does."""
+    try:
+        return hashlib.sha256(build_fab_from_disk(app)).hexdigest()
+    except ValueError as exc:
+        raise CoordinatorError(f"{app}: cannot build the app bundle: {_one_line(str(exc))}") from None
 
 
 def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None) -> list[str]:

@@ -170,6 +170,12 @@ def start_institution(procs: Processes, coordinator: Coordinator, name: str, dat
     return process, log, folder
 
 
+def approve(bundle: str, state_dir: Path, env: dict) -> None:
+    """What each institution operator does once the coordinator has sent them the bundle's hash."""
+    result = cli("client", "approve", bundle, "--state-dir", state_dir, env=env)
+    assert result.returncode == 0, result.stderr
+
+
 def wait_for_exit(process: FlowerProcess, log: Path, timeout: float) -> int:
     try:
         return process.wait(timeout)
@@ -178,14 +184,23 @@ def wait_for_exit(process: FlowerProcess, log: Path, timeout: float) -> int:
 
 
 @pytest.fixture(scope="module")
-def federation(coordinator, data_files, tmp_path_factory, env):
-    """Two admitted institutions, online."""
+def bundle(env) -> str:
+    """The hash of the app bundle this checkout's `submit` ships, as the coordinator operator reads it."""
+    result = cli("server", "bundle", env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def federation(coordinator, data_files, bundle, tmp_path_factory, env):
+    """Two admitted institutions, online, that approved the app bundle of this checkout."""
     procs = Processes(tmp_path_factory.mktemp("federation"), env)
     try:
         for name, data in data_files.items():
             assert cli("client", "keygen", "--out", procs.folder / name, env=env).returncode == 0
             admitted = coordinator.run("admit", procs.folder / name / "node.pub", "--name", name)
             assert admitted.returncode == 0, admitted.stderr
+            approve(bundle, procs.folder / name / "state", env)
             start_institution(procs, coordinator, name, data, key=procs.folder / name / "node.key")
         for name in data_files:
             coordinator.wait_for(name, "online")

@@ -1,0 +1,128 @@
+"""The node's bundle gate: starts a ClientApp only for an app bundle its operator approved.
+
+Flower 1.39's SuperNode has no hook of its own for this (`--trusted-entities` needs signatures
+from Flower's hosted review service). But run with `--isolation process` it starts no app
+process at all: it queues one task per message from the coordinator, each carrying the hash of
+the run's bundle, and waits for a SuperExec to claim it on its local Runtime API. This module is
+that SuperExec. It reads the task's hash before any process for it exists; an approved task goes
+to Flower's own launcher (`flwr-clientapp`, started exactly as `flower-superexec` would), an
+unapproved one is answered by the gate with an error reply that carries the reason, so the
+coordinator's job fails with it instead of waiting out the round. The refused bundle is never
+unpacked, let alone imported. The SuperNode stores a bundle only under the SHA-256 of its bytes,
+so the hash checked is the hash of the code `flwr-clientapp` would install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import RunNotRunningException
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.superexec.executor import SubprocessExecutor
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from client.approval import ApprovalError, approvals_file, load, refusal
+from common.processes import port_open, split_address
+
+POLL_SECONDS = 1.0  # flower-superexec's default
+
+
+def say(message: str) -> None:
+    print(f"fedtune-client: bundle gate: {message}", flush=True)
+
+
+def runtime_client(address: str, *interceptors) -> RuntimeHttpClient:
+    """A client of the SuperNode's Runtime API (plain HTTP on loopback, as Flower's own SuperExec uses)."""
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,
+        interceptors=list(interceptors), retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def refuse(address: str, token: str, reason: str) -> None:
+    """Answer the task as its ClientApp would, with an error reply and a failed status."""
+    client = runtime_client(address, RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                            RuntimeTokenHttpInterceptor(token))
+    try:
+        message, context, _, _ = pull_task_input(client)
+        push_message(client, Message(Error(code=ErrorCode.INVALID_FAB, reason=reason), reply_to=message), context)
+        push_task_output(client, context, SubStatus.FAILED, reason)
+    finally:
+        client.close()
+
+
+class Gate:
+    def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool):
+        self.address, self.name, self.allow_any = address, name, allow_any
+        self.approvals = approvals_file(state_dir)
+        self.launcher = AutoExecPlugin(runtime_api_address=address, insecure=True, root_certificates_path=None,
+                                       executor=SubprocessExecutor())
+
+    def refusal_reason(self, bundle: str) -> str | None:
+        """None when the bundle may run; else the reason the coordinator is told."""
+        if self.allow_any:
+            return None
+        try:
+            approved = bundle in load(self.approvals)
+        except ApprovalError as exc:
+            say(f"refusing every bundle: {exc}")
+            approved = False
+        return None if approved else refusal(self.name, bundle)
+
+    def handle(self, token: str, task: Task) -> None:
+        reason = self.refusal_reason(task.fab_hash)
+        if reason is None:
+            say(f"run {task.run_id}: bundle sha256:{task.fab_hash} approved; starting its ClientApp")
+            self.launcher.launch_task(token=token, task=task)
+            return
+        say(f"run {task.run_id}: REFUSED bundle sha256:{task.fab_hash}: not in {self.approvals}")
+        try:
+            refuse(self.address, token, reason)
+        except RunNotRunningException:
+            say(f"run {task.run_id} has already ended")
+
+    def serve(self) -> None:
+        host, port = split_address(self.address)
+        while not port_open(host, port):  # the SuperNode opens its Runtime API within seconds
+            time.sleep(0.2)
+        client = runtime_client(self.address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        try:
+            while True:
+                answer = client.AcquireTask(request)
+                if answer.HasField("task") and answer.token:
+                    self.handle(answer.token, answer.task)
+                time.sleep(POLL_SECONDS)
+        finally:
+            client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client.gate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT", help="the SuperNode's Runtime API")
+    parser.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="the node's state folder")
+    parser.add_argument("--name", required=True, help="the institution's name, for the refusal reason")
+    parser.add_argument("--parent-pid", type=int, required=True, help="the SuperNode's pid; the gate ends with it")
+    parser.add_argument("--allow-any-bundle", action="store_true", help="run every bundle (development only)")
+    args = parser.parse_args(argv)
+    start_parent_process_monitor(args.parent_pid)  # raises SIGINT here once the SuperNode is gone
+    try:
+        Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle).serve()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
