@@ -94,13 +94,12 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_budget(args: argparse.Namespace) -> int:
     path = args.state_dir.expanduser() / LEDGER_FILE
-    if not path.is_file():
-        say(f"no privacy ledger at {path}: this node has released nothing yet")
-        return 0
-    rows = budget_summary(PrivacyLedger(path))
+    rows = budget_summary(PrivacyLedger(path)) if path.is_file() else []
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    if not rows:
+        say(f"no privacy ledger at {path}: this node has released nothing yet")
     for row in rows:
         print(f"{row['file']} (sha256 {row['dataset'][:12]}):")
         print(f"  budget    epsilon {row['budget_epsilon']:g} at delta {row['delta']:g} ({row['accountant']} accountant)")

@@ -43,6 +43,7 @@ STABLE_AFTER = 300.0  # a SuperNode that ran this long before exiting restarts w
 # activate an online node: a hard-killed SuperNode's successor is refused for up to that long.
 ONLINE_PATIENCE = 90.0
 ONLINE_RETRY = 10.0
+RUNNING_MARKER = "daemon.running"  # in the state folder while a daemon runs there
 
 REFUSED = (
     "the coordinator refused this institution's key: it was never admitted, or it was revoked "
@@ -213,9 +214,21 @@ class Supervisor:
         """Returns after a stop request; raises NodeError on a fault restarting cannot fix."""
         settings = self.settings
         write_node_config(settings)
+        # Left behind only when the last daemon on this state folder was killed: its SuperNode may
+        # still count as online at the coordinator, so a refusal is not final yet.
+        marker = settings.state_dir / RUNNING_MARKER
+        refusal_final_at = time.monotonic() + ONLINE_PATIENCE if marker.exists() else 0.0
+        marker.touch()
+        try:
+            self._supervise(refusal_final_at)
+        finally:
+            marker.unlink(missing_ok=True)
+
+    def _supervise(self, refusal_final_at: float) -> None:
+        """Before `refusal_final_at`, a refusal may only mean a killed predecessor still counts as online."""
+        settings = self.settings
         env = flower_env(settings.flwr_home, {PROGRESS_ENV: str(settings.progress_file.resolve())})
         backoff = 2.0
-        refusal_final_at = 0.0  # before this, a refusal may only mean a killed predecessor still counts as online
         with on_stop_signals(self.request_stop):
             while not self.stopping.is_set():
                 waiting = probe(settings.superlink, settings.root_certificates)
