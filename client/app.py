@@ -52,12 +52,12 @@ def institution_clipping_mod(msg: Message, context: Context, call_next: ClientAp
     The receipt (the bound, in the reply's metrics) is what lets the coordinator refuse to noise an
     update nobody clipped: Flower's server wrapper cannot tell on its own.
     """
-    if msg.metadata.message_type != "train" or KEY_CLIPPING_NORM not in _instruction(msg).config:
+    bound = _instruction(msg).config.get(KEY_CLIPPING_NORM) if msg.metadata.message_type == "train" else None
+    if bound is None:
         return call_next(msg, context)
     reply = fixedclipping_mod(msg, context, call_next)
     if not reply.has_error():
-        bound = float(_instruction(msg).config[KEY_CLIPPING_NORM])
-        reply.content.config_records[m.FIT_METRICS][m.CLIPPED_TO] = bound
+        reply.content.config_records[m.FIT_METRICS][m.CLIPPED_TO] = float(bound)
     return reply
 
 
