@@ -8,7 +8,8 @@ coordinator refused this institution's key, or the TLS handshake failed.
 
 The SuperNode runs with `--isolation process`, so it starts no app process itself: the bundle
 gate (client/gate.py), started beside it and ending with it, starts a ClientApp only for an app
-bundle this institution's operator approved (client/approval.py).
+bundle this institution's operator approved (client/approval.py). A SuperNode stuck on the reply
+of a ClientApp that died handing it over is restarted too (client/watchdog.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import tomli_w
 
+from client.watchdog import ReplyWatch
 from common.processes import (
     FlowerProcess,
     dial_host,
@@ -187,11 +189,13 @@ def _fatal_reason(output: collections.deque[str]) -> str | None:
     return None
 
 
-def _echo(stream, tail: collections.deque[str]) -> None:
+def _echo(stream, *sinks) -> None:
+    """Copy a child's output to ours, handing each line to `sinks` too."""
     for line in stream:
         sys.stdout.write(line)
         sys.stdout.flush()
-        tail.append(line.rstrip("\n"))
+        for sink in sinks:
+            sink(line.rstrip("\n"))
 
 
 class Supervisor:
@@ -237,9 +241,11 @@ class Supervisor:
                     backoff = self._pause(backoff)
                     continue
                 started = time.monotonic()
-                output = self._run_once(env)
+                output, stuck = self._run_once(env)
                 if self.stopping.is_set():
                     return
+                if stuck:  # stopped by us, maybe before it could sign off with the coordinator
+                    refusal_final_at = time.monotonic() + ONLINE_PATIENCE
                 code = self.process.poll()
                 reason = _fatal_reason(output)
                 if reason == REFUSED and time.monotonic() < refusal_final_at:
@@ -255,27 +261,41 @@ class Supervisor:
                 self.say(f"the SuperNode exited (code {code}); restarting in {backoff:.0f} s")
                 backoff = self._pause(backoff)
 
-    def _run_once(self, env: dict[str, str]) -> collections.deque[str]:
-        """Run one SuperNode and its bundle gate to the end of either, echoing the SuperNode's
-        output; the last lines of that output. The gate's output goes straight to ours."""
+    def _run_once(self, env: dict[str, str]) -> tuple[collections.deque[str], bool]:
+        """Run one SuperNode and its bundle gate to the end of either, or until the SuperNode is
+        stuck, echoing both outputs. Returns the SuperNode's last lines, and whether it was stuck."""
         self.process = FlowerProcess(supernode_command(self.settings), env, stdout=subprocess.PIPE)
         self.say(f"SuperNode started (pid {self.process.pid}), connecting to {self.settings.superlink} as {self.settings.name}")
         tail: collections.deque[str] = collections.deque(maxlen=50)
-        echo = threading.Thread(target=_echo, args=(self.process.stdout, tail), daemon=True)
-        echo.start()
-        self.gate = FlowerProcess(gate_command(self.settings, self.process.pid), env)
+        watch = ReplyWatch()
+
+        def seen(line: str) -> None:
+            watch.saw(line, time.monotonic())
+
+        self.gate = FlowerProcess(gate_command(self.settings, self.process.pid), env, stdout=subprocess.PIPE)
+        echoes = [threading.Thread(target=_echo, args=(self.process.stdout, tail.append, seen), daemon=True),
+                  threading.Thread(target=_echo, args=(self.gate.stdout, seen), daemon=True)]
+        for echo in echoes:
+            echo.start()
+        stuck = False
         try:
             while self.process.poll() is None:
                 if self.gate.poll() is not None and not self.stopping.is_set():
                     self.say(f"the bundle gate exited (code {self.gate.poll()}); stopping the SuperNode to restart both")
+                    break
+                if watch.stuck(time.monotonic()):
+                    stuck = True
+                    self.say(f"the SuperNode has waited over {watch.stuck_after:.0f} s for a reply whose ClientApp died "
+                             "handing it over, and Flower 1.39 never gives up on it; restarting the SuperNode")
                     break
                 time.sleep(0.5)
         finally:
             # Each stop clears a whole process group: the gate's ClientApps go with the gate.
             self.process.stop()
             self.gate.stop()
-        echo.join()
-        return tail
+        for echo in echoes:
+            echo.join()
+        return tail, stuck
 
     def _pause(self, backoff: float) -> float:
         self.stopping.wait(backoff)

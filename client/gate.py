@@ -10,11 +10,15 @@ unapproved one is answered by the gate with an error reply that carries the reas
 coordinator's job fails with it instead of waiting out the round. The refused bundle is never
 unpacked, let alone imported. The SuperNode stores a bundle only under the SHA-256 of its bytes,
 so the hash checked is the hash of the code `flwr-clientapp` would install.
+
+As the ClientApps' parent, the gate is also the one to see one die before finishing; it says so
+in a line the daemon's watchdog reads (client/watchdog.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import ApprovalError, approvals_file, load, refusal
+from client.watchdog import CLIENTAPP_DIED
 from common.processes import port_open, split_address
 
 POLL_SECONDS = 1.0  # flower-superexec's default
@@ -62,6 +67,20 @@ def refuse(address: str, token: str, reason: str) -> None:
         client.close()
 
 
+def report_exits() -> None:
+    """Collect the ClientApps that ended; name those killed before finishing. One that fails on
+    its own (a declined round exits with code 1) has answered its message first."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no child at all
+            return
+        if pid == 0:  # none has ended
+            return
+        if os.WIFSIGNALED(status):
+            say(f"{CLIENTAPP_DIED} (pid {pid}, killed by signal {os.WTERMSIG(status)})")
+
+
 class Gate:
     def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool):
         self.address, self.name, self.allow_any = address, name, allow_any
@@ -84,6 +103,7 @@ class Gate:
         reason = self.refusal_reason(task.fab_hash)
         if reason is None:
             say(f"run {task.run_id}: bundle sha256:{task.fab_hash} approved; starting its ClientApp")
+            report_exits()  # Python's subprocess reaps finished children unasked at each launch
             self.launcher.launch_task(token=token, task=task)
             return
         say(f"run {task.run_id}: REFUSED bundle sha256:{task.fab_hash}: not in {self.approvals}")
@@ -100,6 +120,7 @@ class Gate:
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         try:
             while True:
+                report_exits()
                 answer = client.AcquireTask(request)
                 if answer.HasField("task") and answer.token:
                     self.handle(answer.token, answer.task)

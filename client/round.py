@@ -47,6 +47,25 @@ STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
 MIN_GRANT = 0.02
 
 
+class RoundOver(RuntimeError):
+    """The coordinator has stopped waiting for this round: its reply would be dropped unread."""
+
+
+def check_deadline(msg: Message, name: str, server_round: int) -> None:
+    """Decline a round whose reply deadline has passed, so that no budget pays for an update nobody reads.
+
+    The deadline is the instruction's time to live, the coordinator's reply timeout: Flower's
+    SuperLink drops replies after it too. A late instruction reaches a ClientApp that Flower
+    relaunched after a crash, or a node that was busy with another job.
+    """
+    late = time.time() - (msg.metadata.created_at + msg.metadata.ttl)
+    if late > 0:
+        raise RoundOver(
+            f"{m.DECLINED}[{name}]: round {server_round} declined: its reply deadline passed {late:.0f} s ago; "
+            "nothing was released"
+        )
+
+
 def train_round(msg: Message, context: Context) -> Message:
     """One round on this institution's data: ledger check, DP-SGD steps that fit, release, reply."""
     job = JobConfig.from_json(str(context.run_config[RUN_CONFIG_KEY]))
@@ -57,6 +76,7 @@ def train_round(msg: Message, context: Context) -> Message:
     server_round = int(instruction.config[m.SERVER_ROUND])
     job_id = str(msg.metadata.run_id)
     local = load_local_data(job, node)
+    check_deadline(msg, local.name, server_round)
     ledger = PrivacyLedger(state_dir(node, local.name) / LEDGER_FILE)
     budget = institution_budget(node, job, local)
     ledger.set_budget(local.fingerprint, budget)
@@ -131,6 +151,7 @@ def train_round(msg: Message, context: Context) -> Message:
             **account,
         },
     )
+    check_deadline(msg, local.name, server_round)  # training took past it: the entry stays pending, uncounted
     ledger.release(entry)  # last thing before the update leaves: see client/ledger.py
     return Message(compat.fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
 

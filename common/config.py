@@ -24,6 +24,9 @@ BANKING77 = REPO_ROOT / "data" / "banking77"
 RUN_CONFIG_KEY = "job"
 #: Run-config key naming the coordinator's run folder (empty: runs/<timestamp>).
 OUT_DIR_KEY = "out-dir"
+#: Run-config key of the admitted institutions' names by Flower node id (JSON), set by
+#: `fedtune-server submit`, so that reports name an institution that never got to reply.
+NAMES_KEY = "institution-names"
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ run folder (run-config key `out-dir`, default `runs/<timestamp>`).
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import OUT_DIR_KEY, RUN_CONFIG_KEY, JobConfig
+from common.config import NAMES_KEY, OUT_DIR_KEY, RUN_CONFIG_KEY, JobConfig
 from common.data import read_records
 from common.model import (
     UpperStack,
@@ -78,7 +79,8 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(job.model, job.data.labels, pick_device(job.training.device), seed=job.federation.seed)
     evaluation = CentralEvaluation(job, model)
     strategy = make_strategy(job, ndarrays_to_parameters(to_ndarrays(trainable_state(model))), evaluation)
-    round_log = RoundLog()
+    round_log = RoundLog(node_names={int(node): name for node, name in json.loads(
+        str(context.run_config.get(NAMES_KEY, "{}"))).items()})
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=job.federation.rounds), strategy=strategy)
     make_workflow(job)(RecordingGrid(grid, round_log, job.federation.round_timeout), legacy)
     # The workflow keeps the global weights in the context; unchanged when every round was declined.

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.build import build_fab_from_disk
 
-from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
+from common.config import NAMES_KEY, OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
 from common.data import read_records
 from common.processes import FlowerProcess, dial_host, flower_env, flower_executable
 from server.pki import CA_CERT, SERVER_CERT, SERVER_KEY
@@ -233,7 +233,8 @@ class Coordinator:
                 f"the job needs {needed} institutions (federation.institutions) but {len(admitted)} are admitted"
             )
         # A run-config file, not `--run-config "job='...'"`: the JSON may hold quotes of either kind.
-        run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out)}
+        run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out),
+                      NAMES_KEY: json.dumps({node["node_id"]: node["name"] for node in admitted if node["name"] != "-"})}
         fd, config_path = tempfile.mkstemp(suffix=".toml", dir=self.state)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:

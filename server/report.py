@@ -36,6 +36,7 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
                 "bytes_up": sum(up for _, up in sent),
                 "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},
                 "declined": round_log.declined.get(rnd, {}),
+                "dropped": round_log.dropped.get(rnd, {}),
             }
         )
     institutions_dp = job.institution_dp
@@ -136,6 +137,7 @@ def privacy_report(metrics: dict) -> dict:
         "rounds_planned": metrics["config"]["federation"]["rounds"],
         "institutions": [{key: inst[key] for key in PRIVACY_FIELDS} for inst in metrics["institutions"]],
         "declined": {str(r["round"]): r["declined"] for r in metrics["rounds"] if r.get("declined")},
+        "dropped": {str(r["round"]): r["dropped"] for r in metrics["rounds"] if r.get("dropped")},
     }
 
 
@@ -188,6 +190,10 @@ def render_privacy_markdown(report: dict) -> str:
     for rnd, names in report["declined"].items():
         for name, why in names.items():
             lines.append(f"\n- Round {rnd}: {name} declined: {why}")
+    for rnd, names in report["dropped"].items():
+        for name, what in names.items():
+            lines.append(f"\n- Round {rnd}: {name} dropped out ({what}); its ledger counts whatever it released "
+                         "for the round, aggregated or not.")
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,13 @@
 Flower's workflows aggregate; a privacy report needs per-institution facts, and with SecAgg+ a
 round is four exchanges whose traffic no strategy sees whole. `RecordingGrid` sits between the
 workflow and the real Grid: it counts the bytes of every message to and from each node, keeps
-the metrics each institution reports with its (masked or plain) update, logs declined rounds,
-and stops the job when an institution fails for any other reason instead of letting the
-workflow carry on silently with fewer updates.
+the metrics each institution reports with its (masked or plain) update, logs declined rounds
+and dropouts, and stops the job when an institution fails for any other reason instead of
+letting the workflow carry on silently with fewer updates.
+
+It also gives each instruction a time to live equal to the reply timeout. Flower's default is
+12 hours: a node that comes back late would still be handed the round, and an institution
+would spend privacy budget on an update the coordinator has stopped waiting for.
 """
 
 from __future__ import annotations
@@ -16,12 +20,22 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import messages as m
 
 DECLINED_REASON = re.compile(re.escape(m.DECLINED) + r"\[([^\]]+)\]: ([^'\n]*)")
+# Errors Flower reports when a reply was lost rather than refused: the node went offline, its
+# ClientApp process died (killed, out of memory), or its upload never completed. The round goes
+# on without that institution, as it would after a timeout; the report names it.
+DROPOUTS = {
+    ErrorCode.NODE_UNAVAILABLE: "went offline",
+    ErrorCode.CLIENT_APP_CRASHED: "its training process died",
+    ErrorCode.MESSAGE_UNAVAILABLE: "its reply was lost in transit",
+    ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "its reply expired",
+}
 
 
 class InstitutionFailed(RuntimeError):
@@ -52,6 +66,7 @@ class RoundLog:
 
     replies: dict[int, dict[str, dict]] = field(default_factory=dict)
     declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> reason
+    dropped: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> what happened
     node_bytes: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # round -> node -> [down, up]
     node_names: dict[int, str] = field(default_factory=dict)
 
@@ -65,6 +80,9 @@ class RoundLog:
         nodes = [node for node, known in self.node_names.items() if known == name]
         sent = [self.node_bytes.get(server_round, {}).get(node, [0, 0]) for node in nodes]
         return sum(s[0] for s in sent), sum(s[1] for s in sent)
+
+    def name_of(self, node_id: int) -> str:
+        return self.node_names.get(node_id, f"node {node_id}")
 
     def institutions(self) -> list[str]:
         """Everyone who replied or declined, including institutions that declined every round."""
@@ -82,15 +100,25 @@ class RecordingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         for message in messages:
+            message.metadata.ttl = min(message.metadata.ttl, timeout or self.timeout)
             self.round_log.count(int(message.metadata.group_id), message.metadata.dst_node_id,
                                  down=content_bytes(message.content))
         replies = list(self.grid.send_and_receive(messages, timeout=timeout or self.timeout))
+        # Flower's Grid gives each instruction its id as it sends it. Replies that Flower writes
+        # itself (an offline node, a reply lost in transit) name neither the node nor the round:
+        # their instruction does.
+        instructions = {message.metadata.message_id: message.metadata for message in messages}
         for reply in replies:
-            self._record(reply)
+            instruction = instructions[reply.metadata.reply_to_message_id]
+            self._record(reply, int(instruction.group_id), instruction.dst_node_id)
         return replies
 
-    def _record(self, reply: Message) -> None:
-        server_round, node = int(reply.metadata.group_id), reply.metadata.src_node_id
+    def _record(self, reply: Message, server_round: int, node: int) -> None:
+        if reply.has_error() and reply.error.code in DROPOUTS:
+            name = self.round_log.name_of(node)
+            log(WARNING, "round %s: %s dropped out: %s", server_round, name, DROPOUTS[reply.error.code])
+            self.round_log.dropped.setdefault(server_round, {})[name] = DROPOUTS[reply.error.code]
+            return
         if reply.has_error():
             declined = DECLINED_REASON.search(reply.error.reason)
             if declined is None:

@@ -22,7 +22,8 @@ def print_summary(out: Path, console: Console) -> None:
     for r in metrics["rounds"]:
         train_loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}"
         spent = [
-            f"{r['epsilon'][n]:.2f}/{budgets[n]:g}" if n in r["epsilon"] else ("declined" if n in r["declined"] else "-")
+            f"{r['epsilon'][n]:.2f}/{budgets[n]:g}" if n in r["epsilon"]
+            else "declined" if n in r["declined"] else "dropped" if n in r["dropped"] else "-"
             for n in names
         ]
         rounds.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.3f}", train_loss, *spent)

@@ -15,6 +15,17 @@ from common.config import BANKING77, ModelConfig
 pytest_plugins = ["deployment_support"]
 
 SLICE_LABELS = 6
+# Modules that start Flower's simulation engine (Ray).
+SIMULATION_MODULES = {"test_simulation", "test_secure_aggregation", "test_institution_dp"}
+
+
+def pytest_collection_modifyitems(items):
+    """`make test` runs two pytest workers (`-n 2 --dist loadgroup`). Each module stays on one
+    worker, so its module fixtures (a coordinator and its institutions) start once; the modules
+    that start a Ray simulation share one worker, so that two Rays never compete for the cores."""
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group("simulation" if module in SIMULATION_MODULES else module))
 
 
 def write_slice(source: Path, target: Path, labels: list[str], per_label: int) -> Path:
