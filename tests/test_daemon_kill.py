@@ -17,8 +17,8 @@ killed round ends at that error or at the round timeout, set above a normal repl
 institution drops out of it, and each job waits for both nodes to settle before the next one
 starts. A ClientApp killed while handing its reply to the SuperNode would leave the SuperNode
 waiting forever (Flower 1.39); the daemon's watchdog restarts it (client/watchdog.py), and the
-coordinator's job goes on without that reply. The second test makes that moment happen on
-purpose. 5-8 minutes in all on 2 cores.
+coordinator's job goes on without that reply (tests/test_stuck_reply.py makes that moment
+happen on purpose). 5-8 minutes on 2 cores.
 
 FEDTUNE_KILL_SEED=N reruns a given draw of kill moments; the seed is in every assertion message.
 """
@@ -31,7 +31,6 @@ import random
 import re
 import signal
 import sqlite3
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
@@ -42,15 +41,14 @@ from typing import Callable
 import pytest
 
 from common.accounting import epsilon
-from common.processes import FlowerProcess, flower_env, flower_executable
+from common.processes import FlowerProcess
 from common.progress import Follower
-from client.watchdog import CLIENTAPP_DIED, STUCK_AFTER
 from deployment_support import cli, start_institution, tail, write_job
 
 pytestmark = pytest.mark.timeout(900)
 
 SEED = int(os.environ.get("FEDTUNE_KILL_SEED") or random.SystemRandom().randrange(1_000_000))
-ROUND_TIMEOUT = 60.0  # per exchange; a SecAgg+ round is four
+ROUND_TIMEOUT = 120.0  # per exchange (a SecAgg+ round is four); a round ends when every reply is in
 KILLED_ROUND_TIMEOUT = 75.0  # above a normal reply (~30 s idle, ~50 s with the other test worker busy)
 LOCAL_EPOCHS = 8  # 24 DP-SGD steps a round on a 120-record slice: about a second of training to land in
 # How long a node may take to answer its last message, or to be back after a restart.
@@ -58,7 +56,7 @@ SETTLE = 300.0
 # The coordinator may wait on a lost reply for Flower's object-push session (180 s) past the round.
 SUBMIT_TIMEOUT = 480.0
 STARTED = "SuperNode started (pid"  # the daemon's line for each SuperNode it starts
-RESTARTED_STUCK = "restarting the SuperNode"  # ... and its watchdog's
+RESTARTED_STUCK = "restarting the SuperNode"  # ... and its watchdog's (client/daemon.py)
 # When a kill lands, counted from the killed ClientApp's start ("startup": before it trains),
 # its first training step, or its last one; and how long after that.
 MOMENTS = {"startup": (0.0, 12.0), "training": (0.0, 0.6), "after training": (0.0, 0.15)}
@@ -380,66 +378,3 @@ def test_random_kills_of_the_daemon_never_lose_nor_invent_a_release(coordinator,
                 for name in nodes}
     print(f"\nseed {SEED}; jobs " + ", ".join(f"{j.seconds:.0f} s" for j in jobs) + f"; watchdog restarts {restarts}\n"
           + "\n".join(outcome(kill, jobs, nodes) for kill in kills))
-
-
-def test_a_node_stuck_on_a_reply_lost_in_the_handover_is_restarted(
-        coordinator, federation, banking_slice, slice_labels, env, tmp_path):
-    """The random test's rarest moment, on purpose: alpha's ClientApp killed after its release,
-    while handing its reply to the SuperNode. Freezing the SuperNode holds the ClientApp inside
-    that hand-over; the kill lands there, and the SuperNode, thawed, takes the message whose
-    weights will never come. Flower 1.39 would wait on it forever; the daemon's watchdog
-    restarts it. (The coordinator then drops alpha from the round once Flower's upload session
-    for the reply expires, 3 minutes on: tests/test_late_and_lost_replies.py pins that reply.)"""
-    nodes = current_nodes(federation)
-    for node in nodes.values():
-        wait_settled(node)
-        wait_online(coordinator, node)
-    alpha = nodes["alpha"]
-    [supernode] = [pid for pid in descendants(alpha.process.pid) if b"flower-supernode" in _cmdline(pid)]
-    spent = max(budget(node, env)["spent_epsilon"] for node in nodes.values())
-    job_file = write_job(tmp_path / "job.toml", banking_slice[1], slice_labels,
-                         federation={"rounds": 1, "round_timeout": KILLED_ROUND_TIMEOUT},
-                         privacy={"target_epsilon": spent + 1.0}, training={"local_epochs": LOCAL_EPOCHS},
-                         secure_aggregation={"enabled": False})
-    progress = Follower(alpha.state / "progress.jsonl")
-    list(progress.new_events())
-    released_before = [row for row in ledger_rows(alpha) if row[2] == "released"]
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        submitted = pool.submit(coordinator.run, "submit", job_file, "--out", tmp_path / "run", timeout=SUBMIT_TIMEOUT)
-        deadline = time.monotonic() + 180
-        while not any(progress.new_events()):  # training: the ClientApp needs the SuperNode only to reply
-            assert time.monotonic() < deadline, f"alpha never trained:\n{tail(alpha.log)}"
-            time.sleep(0.01)
-        os.kill(supernode, signal.SIGSTOP)
-        try:
-            while len([row for row in ledger_rows(alpha) if row[2] == "released"]) == len(released_before):
-                assert time.monotonic() < deadline, f"alpha never released:\n{tail(alpha.log)}"
-                time.sleep(0.05)
-            time.sleep(1.0)  # released: the ClientApp is handing its reply over, and waits on the frozen SuperNode
-            killed = clientapps(alpha)
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
-        finally:
-            os.kill(supernode, signal.SIGCONT)
-        assert killed, "no ClientApp to kill"
-        restart_deadline = time.monotonic() + STUCK_AFTER + 60
-        while RESTARTED_STUCK not in alpha.log.read_text():
-            assert time.monotonic() < restart_deadline, f"the stuck SuperNode was not restarted:\n{tail(alpha.log)}"
-            time.sleep(1)
-        wait_online(coordinator, alpha)
-        stop_running_jobs(coordinator)
-        submitted.result()
-    log = alpha.log.read_text()
-    assert "Sending: train message" in log.rpartition(CLIENTAPP_DIED)[0].rpartition("Sent successfully")[2], (
-        "the SuperNode was not left sending the killed ClientApp's reply:\n" + tail(alpha.log, 60)
-    )
-    # Released before the kill, so counted though never aggregated: the safe side.
-    assert len([row for row in ledger_rows(alpha) if row[2] == "released"]) == len(released_before) + 1
-
-
-def stop_running_jobs(coordinator) -> None:
-    """Flower's `flwr stop` for whatever still runs."""
-    for run in coordinator.runs():
-        if run["status"].startswith("running"):
-            subprocess.run([flower_executable("flwr"), "stop", str(run["run-id"]), "fedtune"], capture_output=True,
-                           env=flower_env(coordinator.state / "flwr-home"), timeout=60)
