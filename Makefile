@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/fedtune-sim $(ARGS)
 
-# Three workers (see tests/conftest.py); the slowest tests listed at the end.
+# Two workers (see tests/conftest.py); the slowest tests listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 3 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/default_run.py

@@ -17,21 +17,15 @@ pytest_plugins = ["deployment_support"]
 SLICE_LABELS = 6
 # Modules that start Flower's simulation engine (Ray).
 SIMULATION_MODULES = {"test_simulation", "test_secure_aggregation", "test_institution_dp"}
-# The longest modules, started first so that the short ones fill in around them.
-LONGEST_FIRST = ["test_daemon_kill", "test_deployment", "test_stuck_reply", "test_approval"]
 
 
 def pytest_collection_modifyitems(items):
-    """`make test` runs three pytest workers (`-n 3 --dist loadgroup`): the real-process tests
-    spend most of their time waiting on Flower's timers. Each module stays on one worker, so its
-    module fixtures (a coordinator and its institutions) start once; the modules that start a Ray
-    simulation share one worker, so that two Rays never compete for the cores."""
-    def module(item) -> str:
-        return item.module.__name__.rpartition(".")[2]
-
-    items.sort(key=lambda item: LONGEST_FIRST.index(module(item)) if module(item) in LONGEST_FIRST else len(LONGEST_FIRST))
+    """`make test` runs two pytest workers (`-n 2 --dist loadgroup`). Each module stays on one
+    worker, so its module fixtures (a coordinator and its institutions) start once; the modules
+    that start a Ray simulation share one worker, so that two Rays never compete for the cores."""
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("simulation" if module(item) in SIMULATION_MODULES else module(item)))
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group("simulation" if module in SIMULATION_MODULES else module))
 
 
 def write_slice(source: Path, target: Path, labels: list[str], per_label: int) -> Path:

@@ -1,8 +1,10 @@
 """A node stuck on a reply lost in the hand-over is restarted by its daemon's watchdog.
 
 The random kills of tests/test_daemon_kill.py reach this moment only now and then; this test
-makes it happen on purpose, on its own coordinator and institutions (same fixtures), so
-that it can run beside that module. About 2-3 minutes.
+makes it happen on purpose, on its own coordinator and institutions (same fixtures). About 3
+minutes, which CI has no room for: run it with
+`FEDTUNE_STUCK_TEST=1 .venv/bin/pytest tests/test_stuck_reply.py`. The watchdog's decision and
+the gate's report of a killed ClientApp are unit-tested in tests/test_late_and_lost_replies.py.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from test_daemon_kill import (
     wait_settled,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not os.environ.get("FEDTUNE_STUCK_TEST"), reason="set FEDTUNE_STUCK_TEST=1 to run (3 min)"),
+]
 
 
 def test_a_node_stuck_on_a_reply_lost_in_the_handover_is_restarted(
