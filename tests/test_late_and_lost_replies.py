@@ -20,6 +20,7 @@ from client.round import RoundOver, check_deadline
 from client.watchdog import CLIENTAPP_DIED, SENDING, STUCK_AFTER, ReplyWatch
 from common import messages as m
 from common.config import REPO_ROOT
+from server.report import privacy_report, render_privacy_markdown
 from server.round_log import DECLINED_REASON, InstitutionFailed, RecordingGrid, RoundLog
 
 
@@ -144,3 +145,14 @@ def test_gate_names_a_clientapp_that_was_killed_and_not_one_that_ended_on_its_ow
     said, pids = result.stdout.split("pids ")
     killed = pids.split()[2]
     assert said.splitlines() == [f"fedtune-client: bundle gate: {CLIENTAPP_DIED} (pid {killed}, killed by signal 9)"]
+
+
+def test_a_dropout_is_named_in_the_privacy_report_with_what_its_ledger_counts():
+    metrics = {
+        "secure_aggregation": False, "institution_dp": {"enabled": False}, "config": {"federation": {"rounds": 1}},
+        "institutions": [], "rounds": [{"round": 1, "declined": {}, "dropped": {"alpha": "its reply was lost in transit"}}],
+    }
+    report = privacy_report(metrics)
+    assert report["dropped"] == {"1": {"alpha": "its reply was lost in transit"}}
+    assert ("- Round 1: alpha dropped out (its reply was lost in transit); its ledger counts whatever it released "
+            "for the round, aggregated or not.") in render_privacy_markdown(report)
