@@ -82,7 +82,7 @@ class Consortium:
         self.start(name, "client", "start", "--superlink", self.fleet, "--root-certificates",
                    self.folder / "ca" / "ca.pem", "--private-key", folder / "node.key", "--data", data, "--name", name,
                    "--device", "cpu", "--state-dir", folder / "state", "--port", free_port(),
-                   "--budget-epsilon", 1000, ready="SuperNode ID")
+                   "--budget-epsilon", 1000, "--budget-delta", 1e-5, ready="SuperNode ID")
 
     def submit(self, job: dict, name: str) -> dict:
         path = self.folder / f"{name}.toml"

@@ -17,6 +17,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from common.messages import Reason, Refusal
+
 APPROVALS_FILE = "approved-bundles.json"
 BUNDLE_HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -50,9 +52,8 @@ def without_approval(approvals: Approvals, bundle: str) -> Approvals:
 
 
 def refusal(institution: str, bundle: str) -> str:
-    """The reason sent to the coordinator; it names the hash its operator must get approved."""
-    return (f"{institution} refused app bundle sha256:{bundle}: not approved by the institution's operator "
-            f"(`fedtune-client approve {bundle}`)")
+    """The reason sent to the coordinator (a `Refusal` record); it names the hash to get approved."""
+    return Refusal(institution, Reason.BUNDLE_NOT_APPROVED, bundle).encode()
 
 
 def load(path: Path) -> Approvals:
@@ -78,7 +79,7 @@ def save(path: Path, approvals: Approvals) -> None:
             handle.write(json.dumps(approvals, indent=2, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o600)  # the operator's alone, like the rest of the state folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

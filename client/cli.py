@@ -19,10 +19,12 @@ from client import approval
 from client.approval import ApprovalError
 from client.daemon import NodeError, NodeSettings, Supervisor
 from client.keys import NodeKeyError, check_private_key, generate
-from client.ledger import LEDGER_FILE, PrivacyLedger, budget_summary
+from client.privacy.budget import BudgetError, resolve_dataset, set_budget
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, budget_summary
 from common.config import ConfigError, load_config
-from common.data import DataError, read_records
-from common.processes import ProcessError, address_arg
+from common.data import DataError, file_fingerprint, read_records
+from common.model_files import model_digest, packaged_model_path
+from common.processes import ProcessError, SettingError, address_arg, private_dir, private_umask, require_loopback
 
 DEFAULT_STATE = Path("~/.fedtune/institution").expanduser()
 INSECURE_WARNING = (
@@ -64,12 +66,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    # The node's local app API hands out the coordinator's messages and takes the node's replies.
+    require_loopback(args.host, "--host", "the node's local app API")
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     else:
         check_private_key(args.private_key)
-    state_dir = args.state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = private_dir(args.state_dir.resolve())
     if args.allow_any_bundle:
         print(ANY_BUNDLE_WARNING, file=sys.stderr, flush=True)
     else:
@@ -78,35 +81,68 @@ def cmd_start(args: argparse.Namespace) -> int:
             say(f"{len(approved)} app bundle(s) approved in {path}; jobs shipping any other bundle are refused")
         else:
             say("no app bundle approved yet: every job is refused until you run `fedtune-client approve HASH`")
-    budget = {key: value for key, value in (("budget-epsilon", args.budget_epsilon),
-                                            ("budget-delta", args.budget_delta),
-                                            ("accountant", args.accountant)) if value is not None}
+    dataset = register(args, state_dir, "fedtune-client start")
+    model_dir = (args.model or Path(packaged_model_path())).resolve()
+    try:
+        model_sha256 = model_digest(model_dir)
+    except FileNotFoundError:
+        raise BudgetError(f"--model {model_dir}: no such model folder") from None
+    say(f"model pinned: {model_dir} (sha256 {model_sha256}); jobs naming any other model are refused")
     settings = NodeSettings(
         superlink=args.superlink, data=args.data, name=args.name, state_dir=state_dir,
         root_certificates=None if args.insecure else args.root_certificates,
-        private_key=None if args.insecure else args.private_key,
-        device=args.device, host=args.host, port=args.port, budget=budget, allow_any_bundle=args.allow_any_bundle,
+        private_key=None if args.insecure else args.private_key, dataset_id=dataset.id, model_dir=model_dir,
+        model_sha256=model_sha256, device=args.device, host=args.host, port=args.port,
+        allow_any_bundle=args.allow_any_bundle,
     )
     Supervisor(settings, say).run()
     say("stopped")
     return 0
 
 
+def register(args: argparse.Namespace, state_dir: Path, command: str):
+    """The data set of `--data` under its id, with the operator's budget; BudgetError if it has none."""
+    ledger = PrivacyLedger(state_dir / LEDGER_FILE)
+    sha256 = file_fingerprint(args.data)
+    dataset_id = resolve_dataset(ledger, args.data, sha256, args.dataset_id)
+    known = ledger.dataset(dataset_id)
+    dataset = set_budget(ledger, dataset_id, args.data, sha256, epsilon_budget=args.budget_epsilon,
+                         delta=args.budget_delta, accountant=args.accountant, force=args.force_budget_change,
+                         changed_by=None)
+    if known is not None and known.sha256 != sha256:
+        say(f"note: {args.data} changed since data set {dataset_id!r} last saw it; everything it spent stays spent")
+    spent = ledger.spent(dataset_id)
+    budget = dataset.budget
+    say(f"data set {dataset_id!r} ({args.data}): budget epsilon {budget.epsilon:g} at delta {budget.delta:g} "
+        f"({budget.accountant} accountant), spent {spent:.4f}; {command} recorded it in {ledger.path}")
+    return dataset
+
+
 def cmd_budget(args: argparse.Namespace) -> int:
-    path = args.state_dir.expanduser() / LEDGER_FILE
+    path = args.state_dir.expanduser().resolve() / LEDGER_FILE
     rows = budget_summary(PrivacyLedger(path)) if path.is_file() else []
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    if not rows:
-        say(f"no privacy ledger at {path}: this node has released nothing yet")
+    say(f"privacy ledger {path}" + ("" if path.is_file() else ": none yet (no budget set on this node)"))
     for row in rows:
-        print(f"{row['file']} (sha256 {row['dataset'][:12]}):")
+        print(f"data set {row['dataset']} ({row['file']}, sha256 {row['sha256'][:12]}):")
         print(f"  budget    epsilon {row['budget_epsilon']:g} at delta {row['delta']:g} ({row['accountant']} accountant)")
         print(f"  spent     epsilon {row['spent_epsilon']:.4f} over {row['steps']} DP-SGD steps")
         print(f"  remaining epsilon {row['remaining_epsilon']:.4f}")
-        for job, rounds in row["jobs"].items():
-            print(f"  job {job}: rounds {', '.join(map(str, rounds))}")
+        for job, grant in row["grants"].items():
+            rounds = row["jobs"].get(job, [])
+            print(f"  job {job}: requested {grant['requested_epsilon']:g}, granted {grant['granted_epsilon']:.4f}, "
+                  f"spent {grant['spent_epsilon']:.4f}; rounds {', '.join(map(str, rounds)) or '-'}")
+        for change in row["budget_changes"]:
+            when = datetime.fromtimestamp(change["changed"], timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+            print(f"  set {when} by {change['changed_by']}: epsilon {change['epsilon']:g}, delta {change['delta']:g}, "
+                  f"{change['accountant']}" + (" (forced)" if change["forced"] else ""))
+    return 0
+
+
+def cmd_budget_set(args: argparse.Namespace) -> int:
+    register(args, args.state_dir.expanduser().resolve(), "fedtune-client budget set")
     return 0
 
 
@@ -170,14 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--data", type=existing_file, required=True, metavar="FILE", help="this institution's data file")
     start.add_argument("--name", required=True, help="this institution's name, as shown in the job's report")
     start.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    start.add_argument("--budget-epsilon", type=float, metavar="EPSILON",
-                       help="epsilon this data set may spend over all jobs, kept in the ledger in --state-dir "
-                       "(default: each job's target epsilon, i.e. the coordinator decides)")
-    start.add_argument("--budget-delta", type=float, metavar="DELTA", help="delta of that budget (default: the job's delta)")
-    start.add_argument("--accountant", choices=["rdp", "prv"], help="accountant of that budget (default: the job's)")
+    budget_flags(start)
+    start.add_argument("--model", type=Path, metavar="DIR",
+                       help="the only model folder this node loads; jobs must name it by its digest "
+                       "(default: the packaged all-MiniLM-L6-v2)")
     start.add_argument("--state-dir", type=Path, default=DEFAULT_STATE, metavar="DIR",
                        help=f"node state: privacy ledger, installed apps, feature cache, progress.jsonl (default {DEFAULT_STATE})")
-    start.add_argument("--host", default="127.0.0.1", help="address of the node's local app API (default 127.0.0.1)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="loopback address of the node's local app API (default 127.0.0.1)")
     start.add_argument("--port", type=int, default=9094, help="port of the node's local app API; one per node (default 9094)")
     start.add_argument("--insecure", action="store_true", help="connect without TLS (local trials only)")
     start.add_argument("--allow-any-bundle", action="store_true",
@@ -201,13 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
     approvals.add_argument("--json", action="store_true", help="print JSON instead of text")
     approvals.set_defaults(run=cmd_approvals)
 
-    budget = commands.add_parser("budget", parents=[state], help="show each data set's privacy budget, spent and remaining")
+    budget = commands.add_parser("budget", parents=[state], help="show each data set's privacy budget, spent and remaining; "
+                                 "`budget set` sets one")
     budget.add_argument("--json", action="store_true", help="print JSON instead of text")
     budget.set_defaults(run=cmd_budget)
+    budget_set = budget.add_subparsers(dest="budget_command", metavar="set").add_parser(
+        "set", parents=[state], help="set a data set's budget (recorded with who and when)")
+    budget_set.add_argument("--data", type=existing_file, required=True, metavar="FILE", help="the data file")
+    budget_flags(budget_set)
+    budget_set.set_defaults(run=cmd_budget_set)
     return parser
 
 
+def budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The data set's identity and budget: the institution operator's alone, never a job's."""
+    parser.add_argument("--dataset-id", metavar="ID",
+                        help="the data set's name in the ledger (default: derived once from the file, then kept); "
+                        "edits of the file under the same id keep what it spent")
+    parser.add_argument("--budget-epsilon", type=float, metavar="EPSILON",
+                        help="epsilon this data set may spend over all jobs (required the first time)")
+    parser.add_argument("--budget-delta", type=float, metavar="DELTA",
+                        help="delta of that budget (required the first time; then pinned)")
+    parser.add_argument("--accountant", choices=["rdp", "prv"], help="accountant of that budget (first time: default "
+                        "prv; then pinned)")
+    parser.add_argument("--force-budget-change", action="store_true",
+                        help="allow changing a pinned delta or accountant (never if it lowers what was spent)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    private_umask()  # before anything is written: ledger, approvals, cache, secrets are the operator's alone
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "start" and not args.insecure and None in (args.root_certificates, args.private_key):
@@ -215,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                      "(node.key from `fedtune-client keygen`); --insecure is for local trials only")
     try:
         return args.run(args)
-    except (ConfigError, DataError, NodeKeyError, ApprovalError) as exc:
+    except (ConfigError, DataError, NodeKeyError, ApprovalError, BudgetError, SettingError) as exc:
         print(f"fedtune-client: error: {exc}", file=sys.stderr)
         return 2
     except (NodeError, ProcessError) as exc:

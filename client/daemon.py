@@ -22,19 +22,22 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from client.watchdog import ReplyWatch
+from common.config import NodeConfig
 from common.processes import (
+    SUPEREXEC_SECRET,
     FlowerProcess,
     dial_host,
     flower_env,
     flower_executable,
     on_stop_signals,
     split_address,
+    write_secret,
 )
 from common.progress import ENV_VAR as PROGRESS_ENV
 
@@ -72,10 +75,12 @@ class NodeSettings:
     state_dir: Path
     root_certificates: Path | None  # None: --insecure
     private_key: Path | None
+    dataset_id: str  # registered in the ledger, with its budget, before the node starts
+    model_dir: Path  # the only model this node loads
+    model_sha256: str
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 9094
-    budget: dict[str, float | str] = field(default_factory=dict)  # budget-epsilon, budget-delta, accountant
     allow_any_bundle: bool = False  # development only: the gate runs unapproved bundles too
 
     @property
@@ -92,22 +97,18 @@ class NodeSettings:
 
 
 def write_node_config(settings: NodeSettings) -> Path:
-    """What the ClientApp reads from `context.node_config` (see client/app.py), as a TOML file.
+    """What the ClientApp reads from `context.node_config` (common.config.NodeConfig), as a TOML file.
 
     Flower takes `--node-config FILE.toml` as well as `'k="v" ...'`; the file keeps paths with
-    quotes or spaces intact and records what the node was started with. `state-dir` is where
-    the ClientApp keeps the institution's privacy ledger; the budget keys, when set, cap what
-    every job may spend on this data set.
+    quotes or spaces intact and records what the node was started with. The budget is not in it:
+    it lives in the ledger under `dataset-id`, set by the operator alone.
     """
-    config = {
-        "data-path": str(settings.data.resolve()),
-        "name": settings.name,
-        "device": settings.device,
-        "state-dir": str(settings.state_dir),
-        "cache-dir": str(settings.state_dir / "cache"),
-        **settings.budget,
-    }
-    settings.node_config_file.write_text(tomli_w.dumps(config), encoding="utf-8")
+    config = NodeConfig(
+        name=settings.name, data_path=settings.data.resolve(), dataset_id=settings.dataset_id,
+        state_dir=settings.state_dir, cache_dir=settings.state_dir / "cache", device=settings.device,
+        model_dir=settings.model_dir.resolve(), model_sha256=settings.model_sha256,
+    )
+    settings.node_config_file.write_text(tomli_w.dumps(config.to_flower()), encoding="utf-8")
     return settings.node_config_file
 
 
@@ -122,6 +123,8 @@ def supernode_command(settings: NodeSettings) -> list[str]:
         "--host", settings.host, "--port", str(settings.port),
         "--node-config", str(settings.node_config_file),
         "--isolation", "process",  # app processes are started by the bundle gate, not by the SuperNode
+        # Only a process holding this secret (the gate) may claim the tasks on the local app API.
+        "--superexec-auth-secret-file", str(settings.state_dir / SUPEREXEC_SECRET),
     ]
 
 
@@ -129,6 +132,7 @@ def gate_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
     command = [sys.executable, "-m", "client.gate",
                "--runtime-api-address", f"{dial_host(settings.host)}:{settings.port}",
                "--state-dir", str(settings.state_dir), "--name", settings.name,
+               "--superexec-auth-secret-file", str(settings.state_dir / SUPEREXEC_SECRET),
                "--parent-pid", str(supernode_pid)]
     return command + (["--allow-any-bundle"] if settings.allow_any_bundle else [])
 
@@ -218,6 +222,7 @@ class Supervisor:
         """Returns after a stop request; raises NodeError on a fault restarting cannot fix."""
         settings = self.settings
         write_node_config(settings)
+        write_secret(settings.state_dir / SUPEREXEC_SECRET)  # new for each daemon; SuperNode and gate read it
         # Left behind only when the last daemon on this state folder was killed: its SuperNode may
         # still count as online at the coordinator, so a refusal is not final yet.
         marker = settings.state_dir / RUNNING_MARKER

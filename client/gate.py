@@ -13,6 +13,11 @@ so the hash checked is the hash of the code `flwr-clientapp` would install.
 
 As the ClientApps' parent, the gate is also the one to see one die before finishing; it says so
 in a line the daemon's watchdog reads (client/watchdog.py).
+
+No other local process can take the gate's place: the SuperNode runs with
+`--superexec-auth-secret-file`, and accepts a task claim only signed with that secret (a 0600 file
+in the 0700 state folder). Each ClientApp gets its task's token in an owner-only file, not on its
+command line (common/superexec.py).
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.superexec.executor import SubprocessExecutor
 from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import ApprovalError, approvals_file, load, refusal
 from client.watchdog import CLIENTAPP_DIED
-from common.processes import port_open, split_address
+from common.processes import SettingError, port_open, split_address
+from common.superexec import TOKEN_DIR, TokenFileExecutor, read_secret
+from common.superexec import runtime_client as signing_client
 
 POLL_SECONDS = 1.0  # flower-superexec's default
 
@@ -82,11 +88,13 @@ def report_exits() -> None:
 
 
 class Gate:
-    def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool):
-        self.address, self.name, self.allow_any = address, name, allow_any
+    def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool, secret: bytes | None = None):
+        """`secret`: the SuperNode's SuperExec auth secret, which signs the gate's task claims."""
+        self.address, self.name, self.allow_any, self.secret = address, name, allow_any, secret
         self.approvals = approvals_file(state_dir)
+        self.executor = TokenFileExecutor(Path(state_dir) / TOKEN_DIR)
         self.launcher = AutoExecPlugin(runtime_api_address=address, insecure=True, root_certificates_path=None,
-                                       executor=SubprocessExecutor())
+                                       executor=self.executor)
 
     def refusal_reason(self, bundle: str) -> str | None:
         """None when the bundle may run; else the reason the coordinator is told."""
@@ -116,16 +124,18 @@ class Gate:
         host, port = split_address(self.address)
         while not port_open(host, port):  # the SuperNode opens its Runtime API within seconds
             time.sleep(0.2)
-        client = runtime_client(self.address, RuntimeVersionHttpInterceptor(component_name="SuperExec"))
+        client = signing_client(self.address, self.secret)
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
         try:
             while True:
                 report_exits()
+                self.executor.sweep()
                 answer = client.AcquireTask(request)
                 if answer.HasField("task") and answer.token:
                     self.handle(answer.token, answer.task)
                 time.sleep(POLL_SECONDS)
         finally:
+            self.executor.close()
             client.close()
 
 
@@ -134,14 +144,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT", help="the SuperNode's Runtime API")
     parser.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="the node's state folder")
     parser.add_argument("--name", required=True, help="the institution's name, for the refusal reason")
+    parser.add_argument("--superexec-auth-secret-file", type=Path, required=True, metavar="FILE",
+                        help="the secret the SuperNode was started with (0600), to sign task claims")
     parser.add_argument("--parent-pid", type=int, required=True, help="the SuperNode's pid; the gate ends with it")
     parser.add_argument("--allow-any-bundle", action="store_true", help="run every bundle (development only)")
     args = parser.parse_args(argv)
     start_parent_process_monitor(args.parent_pid)  # raises SIGINT here once the SuperNode is gone
     try:
-        Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle).serve()
+        secret = read_secret(args.superexec_auth_secret_file)
+        Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle, secret).serve()
     except KeyboardInterrupt:
         pass
+    except SettingError as exc:
+        say(f"error: {exc}")
+        return 2
     return 0
 
 

@@ -14,14 +14,9 @@ from pathlib import Path
 
 import torch
 
-from common.config import JobConfig
+from common.config import JobConfig, NodeConfig
 from common.data import Records, file_fingerprint, read_records
 from common.partition import dirichlet_partition
-
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-DATA_PATH = "data-path"
-NAME = "name"
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,24 +26,17 @@ class LocalData:
     name: str
     records: Records
     labels: torch.Tensor  # label ids in the job's label order
-    fingerprint: str  # names the data set in the privacy ledger: same records, same budget
+    sha256: str  # the records' contents, recorded with every release
 
 
-def institution_name(node_config: dict) -> str:
-    if NAME in node_config:
-        return str(node_config[NAME])
-    return f"institution-{int(node_config[PARTITION_ID]) + 1}"
-
-
-def load_local_data(job: JobConfig, node_config: dict) -> LocalData:
+def load_local_data(job: JobConfig, node: NodeConfig) -> LocalData:
+    """Raises common.data.DataError (with the file's details: for the institution's log only)."""
     data = job.data
-    if DATA_PATH in node_config:
-        return _whole_file(
-            str(node_config[DATA_PATH]), data.text_column, data.label_column, tuple(data.labels),
-            institution_name(node_config),
-        )
-    return _simulated_share(job.model_dump_json(include={"data", "federation"}), int(node_config[PARTITION_ID]),
-                            int(node_config[NUM_PARTITIONS]), institution_name(node_config))
+    if node.data_path is not None:
+        return _whole_file(str(node.data_path), data.text_column, data.label_column, tuple(data.labels),
+                           node.institution)
+    return _simulated_share(job.model_dump_json(include={"data", "federation"}), node.partition_id,
+                            node.num_partitions, node.institution)
 
 
 @functools.lru_cache(maxsize=2)

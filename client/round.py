@@ -1,17 +1,18 @@
 """One federated round on the institution's data, behind the ClientApp in client/app.py.
 
-The institution loads the global trainable weights, checks the round against its privacy ledger,
-runs the DP-SGD steps that fit on cached features, records the release, and replies with its new
-weights and an account of what it released.
+The institution checks the instruction against its own terms, loads the global trainable weights,
+asks its privacy state (client/privacy/) what the round may spend, runs the DP-SGD steps that
+fit on cached features, records the release, and replies with its new weights and data-free facts
+about what it released.
 
-The privacy budget belongs to the institution, not to the job: in deployment it comes from the
-operator's node config (`budget-epsilon`, `budget-delta`, `accountant`), and every job on the
-same data set draws from it. A simulated institution takes the job's privacy settings as its budget.
+Every refusal raises `messages.Refused`: its reason code crosses to the coordinator, its detail
+(which may name a file, a column or a value) only reaches the institution's log.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from pathlib import Path
@@ -21,13 +22,17 @@ from flwr.app import Context, Message
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from pydantic import ValidationError
 
-from client.ledger import LEDGER_FILE, Budget, BudgetExhausted, PrivacyLedger
 from client.local_data import LocalData, load_local_data
+from client.privacy.grant import Request, allowance, grant_for
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from client.trainer import train_dp
 from common import messages as m
-from common.accounting import NoisePlan, compact, epsilon, plan_noise
-from common.config import RUN_CONFIG_KEY, JobConfig, ModelConfig
+from common.accounting import compact
+from common.config import RUN_CONFIG_KEY, JobConfig, ModelConfig, NodeConfig
+from common.data import DataError
+from common.messages import Reason, Refused
 from common.model import (
     UpperStack,
     build_model,
@@ -39,19 +44,13 @@ from common.model import (
     to_ndarrays,
     trainable_state,
 )
+from common.model_files import model_digest
 from common.progress import emit
 
 STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
-# A job is declined outright when less than this share of the budget is left: the noise needed
-# to fit in it would make the update worthless, yet it would still cost the rest of the budget.
-MIN_GRANT = 0.02
 
 
-class RoundOver(RuntimeError):
-    """The coordinator has stopped waiting for this round: its reply would be dropped unread."""
-
-
-def check_deadline(msg: Message, name: str, server_round: int) -> None:
+def check_deadline(msg: Message, server_round: int) -> None:
     """Decline a round whose reply deadline has passed, so that no budget pays for an update nobody reads.
 
     The deadline is the instruction's time to live, the coordinator's reply timeout: Flower's
@@ -60,85 +59,89 @@ def check_deadline(msg: Message, name: str, server_round: int) -> None:
     """
     late = time.time() - (msg.metadata.created_at + msg.metadata.ttl)
     if late > 0:
-        raise RoundOver(
-            f"{m.DECLINED}[{name}]: round {server_round} declined: its reply deadline passed {late:.0f} s ago; "
-            "nothing was released"
-        )
+        raise Refused(Reason.DEADLINE_PASSED, f"round {server_round}: its reply deadline passed {late:.0f} s ago")
+
+
+def read_instruction(msg: Message, context: Context) -> tuple[JobConfig, object, int]:
+    try:
+        job = JobConfig.from_json(str(context.run_config[RUN_CONFIG_KEY]))
+        instruction = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        server_round = int(instruction.config[m.SERVER_ROUND])
+        int(instruction.config[m.MAX_WEIGHT])
+    except (KeyError, ValueError, TypeError, ValidationError) as exc:
+        raise Refused(Reason.BAD_INSTRUCTION, f"the job or the train instruction is malformed: {exc}") from None
+    if job.data.labels is None:
+        raise Refused(Reason.BAD_INSTRUCTION, "the job lists no labels")
+    return job, instruction, server_round
+
+
+def pinned_model(job: JobConfig, node: NodeConfig) -> ModelConfig:
+    """The job's model settings with the institution's own model folder, if the digests agree.
+
+    A simulated institution (no `model-dir` in its node config) loads the job's folder, which its
+    user chose; a deployed one only ever loads the folder its operator pinned."""
+    if node.model_dir is None:
+        return job.model
+    if not (job.model.sha256 == node.model_sha256 == model_digest(node.model_dir)):
+        raise Refused(Reason.MODEL_NOT_PINNED, f"the job's model sha256 {job.model.sha256} is not the pinned "
+                                               f"{node.model_dir} (sha256 {node.model_sha256}), or that folder changed")
+    return job.model.model_copy(update={"path": str(node.model_dir)})
 
 
 def train_round(msg: Message, context: Context) -> Message:
-    """One round on this institution's data: ledger check, DP-SGD steps that fit, release, reply."""
-    job = JobConfig.from_json(str(context.run_config[RUN_CONFIG_KEY]))
-    node = dict(context.node_config)
+    """One round on this institution's data: terms, privacy allowance, DP-SGD steps, release, reply."""
+    node = NodeConfig.model_validate(dict(context.node_config))
+    job, instruction, server_round = read_instruction(msg, context)
     if job.training.threads:
         torch.set_num_threads(job.training.threads)
-    instruction = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    server_round = int(instruction.config[m.SERVER_ROUND])
     job_id = str(msg.metadata.run_id)
-    local = load_local_data(job, node)
-    check_deadline(msg, local.name, server_round)
-    ledger = PrivacyLedger(state_dir(node, local.name) / LEDGER_FILE)
-    budget = institution_budget(node, job, local)
-    ledger.set_budget(local.fingerprint, budget)
-    plan = ledger.plan(local.fingerprint, job_id) or ledger.save_plan(
-        local.fingerprint, job_id, _plan_job(job, local, ledger, budget)
-    )
-    steps, dataset_epsilon = ledger.steps_that_fit(
-        local.fingerprint, plan.noise_multiplier, plan.sample_rate, plan.steps_per_round
-    )
-    if steps == 0:
-        raise BudgetExhausted(
-            f"{m.DECLINED}[{local.name}]: round {server_round} declined: data set budget epsilon {budget.epsilon:g} "
-            f"is spent ({ledger.spent(local.fingerprint):.3f} at delta {budget.delta:g})"
-        )
+    check_deadline(msg, server_round)
+    model_config = pinned_model(job, node)
+    try:
+        local = load_local_data(job, node)
+    except DataError as exc:
+        raise Refused(Reason.DATA_MISMATCH, str(exc)) from None
+    ledger = PrivacyLedger(state_dir(node) / LEDGER_FILE)
+    dataset = node.dataset_id or local.name
+    request = Request(job.privacy.target_epsilon, job.federation.rounds, job.training.batch_size,
+                      job.training.local_epochs)
+    grant = grant_for(ledger, dataset, job_id, request, len(local.records))
+    allowed = allowance(ledger, dataset, job_id, grant)
+    budget, plan = ledger.dataset(dataset).budget, grant.plan
 
     model, features = _prepared(
-        job.model.model_dump_json(), tuple(job.data.labels), str(node.get("device", job.training.device)), local,
-        str(node.get("cache-dir", default_cache_dir())),
+        model_config.model_dump_json(), tuple(job.data.labels), node.device or job.training.device, local,
+        str(node.cache_dir or default_cache_dir()),
     )
     names = list(trainable_state(model))
     load_trainable_state(model, from_ndarrays(names, parameters_to_ndarrays(instruction.parameters)))
-    history = ledger.history(local.fingerprint)
+    history = ledger.history(dataset)
+    job_steps = sum(steps for _, _, steps in ledger.history(dataset, job_id))
     entry = ledger.reserve(
-        local.fingerprint, job_id, server_round, steps, plan.sample_rate, plan.noise_multiplier, job.privacy.max_grad_norm
+        dataset, job_id, server_round, allowed.steps, plan.sample_rate, plan.noise_multiplier,
+        job.privacy.max_grad_norm, local.sha256,
     )
     started = time.perf_counter()
     result = train_dp(
-        UpperStack(model, job.model),
+        UpperStack(model, model_config),
         features,
         local.labels,
         plan,
-        steps=steps,
+        steps=allowed.steps,
         max_grad_norm=job.privacy.max_grad_norm,
         learning_rate=job.training.learning_rate,
         adapter_learning_rate=job.training.adapter_learning_rate,
-        accountant=budget.accountant,
-        history=history,
+        accountant=ledger.accountant(dataset),
         proximal_mu=float(instruction.config.get(m.PROXIMAL_MU, 0.0)),
         on_step=lambda step, total, loss: emit(
             round=server_round, institution=local.name, step=step, steps=total, loss=loss
         ),
     )
-    released = (plan.noise_multiplier, plan.sample_rate, steps)
-    if result.history != compact([*history, released]):
+    if result.history != compact([*history, (plan.noise_multiplier, plan.sample_rate, allowed.steps)]):
         raise RuntimeError("Opacus accounted for other steps than the ledger reserved; nothing is sent")
-    job_history = [*ledger.history(local.fingerprint, job_id), released]
-    account = {
-        m.DATASET_EPSILON: dataset_epsilon,
-        m.EPSILON: dataset_epsilon if len(job_history) == len(history) + 1 else epsilon(job_history, budget.delta, budget.accountant),
-        m.BUDGET_EPSILON: budget.epsilon,
-        m.DELTA: budget.delta,
-        m.NOISE_MULTIPLIER: plan.noise_multiplier,
-        m.SAMPLE_RATE: plan.sample_rate,
-        m.STEPS: steps,
-        m.TOTAL_STEPS: sum(entry_steps for _, _, entry_steps in job_history),
-        m.MAX_GRAD_NORM: job.privacy.max_grad_norm,
-        m.TRAIN_SECONDS: time.perf_counter() - started,
-    }
+    records = published_count(len(local.records))
     # Institution-level DP bounds each institution's influence on the average: equal weights.
-    weight = min(len(local.records), int(instruction.config[m.MAX_WEIGHT]))
-    if KEY_CLIPPING_NORM in instruction.config:
-        weight = 1
+    weight = 1 if KEY_CLIPPING_NORM in instruction.config else min(records, int(instruction.config[m.MAX_WEIGHT]))
     reply = FitRes(
         status=Status(Code.OK, "trained"),
         parameters=ndarrays_to_parameters(to_ndarrays(trainable_state(model))),
@@ -146,60 +149,38 @@ def train_round(msg: Message, context: Context) -> Message:
         metrics={
             m.INSTITUTION: local.name,
             m.ACCOUNTANT: budget.accountant,
-            m.RECORDS: len(local.records),
-            m.TRAIN_LOSS: result.mean_loss,
-            **account,
+            m.RECORDS: records,
+            m.EPSILON: allowed.job_epsilon,
+            m.DATASET_EPSILON: allowed.dataset_epsilon,
+            m.BUDGET_EPSILON: budget.epsilon,
+            m.GRANT_EPSILON: grant.granted,
+            m.DELTA: budget.delta,
+            m.NOISE_MULTIPLIER: plan.noise_multiplier,
+            m.SAMPLE_RATE: plan.sample_rate,
+            m.STEPS: allowed.steps,
+            m.TOTAL_STEPS: job_steps + allowed.steps,
+            m.MAX_GRAD_NORM: job.privacy.max_grad_norm,
+            m.TRAIN_SECONDS: math.ceil(time.perf_counter() - started),
         },
     )
-    check_deadline(msg, local.name, server_round)  # training took past it: the entry stays pending, uncounted
-    ledger.release(entry)  # last thing before the update leaves: see client/ledger.py
+    check_deadline(msg, server_round)  # training took past it: the entry stays pending, uncounted
+    ledger.release(entry)  # last thing before the update leaves: see client/privacy/ledger.py
     return Message(compat.fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
 
 
-def state_dir(node_config: dict, name: str) -> Path:
+def published_count(records: int) -> int:
+    """The record count as it leaves the institution: rounded up to `RECORD_GRANULARITY`."""
+    return max(1, math.ceil(records / m.RECORD_GRANULARITY)) * m.RECORD_GRANULARITY
+
+
+def state_dir(node: NodeConfig) -> Path:
     """Where the institution keeps its ledger: its operator's state dir, or the simulation's."""
-    if "state-dir" in node_config:
-        return Path(str(node_config["state-dir"]))
+    if node.state_dir is not None:
+        return node.state_dir
     base = os.environ.get(STATE_DIR_ENV)
     if not base:
         raise RuntimeError(f"no state-dir in the node config and {STATE_DIR_ENV} unset: nowhere to keep the ledger")
-    return Path(base) / name
-
-
-def institution_budget(node_config: dict, job: JobConfig, local: LocalData) -> Budget:
-    return Budget(
-        epsilon=float(node_config.get("budget-epsilon", job.privacy.target_epsilon)),
-        delta=float(node_config.get("budget-delta", job.privacy.delta)),
-        accountant=str(node_config.get("accountant", job.privacy.accountant)),
-        source=str(local.records.source),
-    )
-
-
-def _plan_job(job: JobConfig, local: LocalData, ledger: PrivacyLedger, budget: Budget) -> NoisePlan:
-    """Noise for all of this job's rounds, so that the data set ends within its budget.
-
-    The job may ask for `target_epsilon` more; the institution grants at most what is left.
-    """
-    spent_history = ledger.history(local.fingerprint)
-    spent = ledger.spent(local.fingerprint)
-    if budget.epsilon - spent < MIN_GRANT * budget.epsilon:
-        raise BudgetExhausted(
-            f"{m.DECLINED}[{local.name}]: job declined: data set budget epsilon {budget.epsilon:g} is spent "
-            f"({spent:.3f} at delta {budget.delta:g})"
-        )
-    try:
-        return plan_noise(
-            records=len(local.records),
-            batch_size=job.training.batch_size,
-            local_epochs=job.training.local_epochs,
-            rounds=job.federation.rounds,
-            target_epsilon=min(budget.epsilon, spent + job.privacy.target_epsilon),
-            delta=budget.delta,
-            accountant=budget.accountant,
-            spent=spent_history,
-        )
-    except ValueError as exc:  # what is left of the budget cannot pay for even the noisiest plan
-        raise BudgetExhausted(f"{m.DECLINED}[{local.name}]: job declined: {exc} (spent {spent:.3f})") from None
+    return Path(base) / node.institution
 
 
 @functools.lru_cache(maxsize=4)
@@ -212,4 +193,3 @@ def _prepared(model_json: str, labels: tuple[str, ...], device: str, local: Loca
     config = ModelConfig.model_validate_json(model_json)
     model = build_model(config, list(labels), pick_device(device))
     return model, encode(model, config, local.records.texts, Path(cache_dir))
-

@@ -1,8 +1,8 @@
 """Local DP-SGD on an institution's cached features, with Opacus.
 
-Poisson sampling, per-record clipping and Gaussian noise come from Opacus' PrivacyEngine; the
-accountant is seeded with the institution's earlier history so that it keeps counting across
-rounds instead of starting afresh.
+Poisson sampling, per-record clipping and Gaussian noise come from Opacus' PrivacyEngine; its
+accountant is restored from the institution's ledger (Opacus' `state_dict`, which carries the
+history and the mechanism) so that it keeps counting across rounds and jobs instead of starting afresh.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.accountants import IAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -49,8 +50,7 @@ def train_dp(
     max_grad_norm: float,
     learning_rate: float,
     adapter_learning_rate: float,
-    accountant: str,
-    history: list[HistoryEntry],
+    accountant: IAccountant,
     proximal_mu: float = 0.0,
     on_step: StepCallback | None = None,
 ) -> LocalResult:
@@ -68,8 +68,8 @@ def train_dp(
             {"params": [p for p in params if id(p) not in head], "lr": adapter_learning_rate},
         ]
     )
-    engine = PrivacyEngine(accountant=accountant)
-    engine.accountant.history = compact(history)
+    engine = PrivacyEngine(accountant=accountant.mechanism())
+    engine.accountant.load_state_dict(accountant.state_dict())
     module, optimizer, loader = engine.make_private(
         module=upper,
         optimizer=optimizer,

@@ -37,13 +37,24 @@ def compact(history: Iterable[HistoryEntry]) -> list[HistoryEntry]:
     return merged
 
 
+def accountant_state(history: Sequence[HistoryEntry], mechanism: str) -> dict:
+    """The history in Opacus' accountant `state_dict` form: it carries the mechanism it was written under."""
+    return {"history": compact(history), "mechanism": mechanism}
+
+
+def restore_accountant(state: dict, accountant: str):
+    """An Opacus accountant of kind `accountant` holding `state`; Opacus refuses a state written
+    under another mechanism, so a history is never read under one it was not kept for."""
+    acc = create_accountant(accountant)
+    acc.load_state_dict(state)
+    return acc
+
+
 def epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> float:
     """Epsilon at `delta` of everything in `history`, by the named Opacus accountant."""
     if not history:
         return 0.0
-    acc = create_accountant(accountant)
-    acc.history = compact(history)
-    return float(acc.get_epsilon(delta=delta))
+    return float(restore_accountant(accountant_state(history, accountant), accountant).get_epsilon(delta=delta))
 
 
 @dataclass(frozen=True)
@@ -71,31 +82,69 @@ def plan_noise(
     batch_size: int,
     local_epochs: float,
     rounds: int,
-    target_epsilon: float,
+    grant: float,
+    budget: float,
     delta: float,
     accountant: str,
     spent: Sequence[HistoryEntry] = (),
 ) -> NoisePlan:
-    """Smallest noise such that `spent` plus all `rounds` of this job stays within `target_epsilon`.
+    """Smallest noise such that all `rounds` of this job stay within `grant` on their own, and
+    `spent` plus the job within `budget`.
 
-    Calibrated once, before the first round, over every local step the job will take, so the
-    epsilon after the last round is at most the target (up to Opacus' search tolerance, which
-    errs on the safe side).
+    Calibrated once, before the first round, over every local step the job will take, so both
+    bounds hold after the last round (up to Opacus' search tolerance, which errs on the safe
+    side). Both are needed: composition is not additive, so a job that fits the budget's
+    remainder can still cost more than its grant on its own.
     """
     rate = sample_rate(records, batch_size)
     steps = steps_per_round(records, batch_size, local_epochs)
+    noise = get_noise_multiplier(
+        target_epsilon=grant,
+        target_delta=delta,
+        sample_rate=rate,
+        steps=steps * rounds,
+        accountant=accountant,
+        epsilon_tolerance=0.01 * grant,
+    )
     if spent:
-        noise = _noise_after(spent, rate, steps * rounds, target_epsilon, delta, accountant)
-    else:
-        noise = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=rate,
-            steps=steps * rounds,
-            accountant=accountant,
-            epsilon_tolerance=0.01 * target_epsilon,
-        )
+        noise = max(noise, _noise_after(spent, rate, steps * rounds, budget, delta, accountant))
     return NoisePlan(float(noise), rate, batch_size, steps, rounds)
+
+
+def steps_that_fit(
+    history: Sequence[HistoryEntry],
+    job_history: Sequence[HistoryEntry],
+    mechanism: tuple[float, float],
+    wanted: int,
+    *,
+    budget: float,
+    grant: float,
+    delta: float,
+    accountant: str,
+) -> tuple[int, float, float]:
+    """Most steps (<= wanted) of `mechanism` (noise, sample rate) that keep the data set within
+    `budget` and the job within `grant`; with the data set's and the job's epsilon after them."""
+    noise, rate = mechanism
+
+    def after(steps: int) -> tuple[float, float]:
+        step = [(noise, rate, steps)] if steps else []
+        return epsilon([*history, *step], delta, accountant), epsilon([*job_history, *step], delta, accountant)
+
+    def fits(spent: tuple[float, float]) -> bool:
+        return spent[0] <= budget and spent[1] <= grant
+
+    best = after(wanted)
+    if fits(best):
+        return (wanted, *best)
+    low, high, best = 0, wanted, after(0)  # `low` steps fit, `high` do not
+    while high - low > 1:
+        mid = (low + high) // 2
+        spent = after(mid)
+        if fits(spent):
+            low, best = mid, spent
+        else:
+            high = mid
+    return (low, *best)
 
 
 def _noise_after(

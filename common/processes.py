@@ -1,21 +1,29 @@
 """Starting and stopping Flower's own programs (superlink, supernode, flwr) from fedtune.
 
 Every Flower process gets the same environment: Flower's phone-home features off, its own
-FLWR_HOME, and this Python's `bin` folder first on PATH (the SuperLink starts
-`flower-superexec`, and the institution's bundle gate `flwr-clientapp`, by name). Each long-running one lives in its own process group, so stopping
+FLWR_HOME, and this Python's `bin` folder first on PATH (fedtune's SuperExecs start
+`flwr-serverapp` and `flwr-clientapp` by name). Each long-running one lives in its own process group, so stopping
 it also stops the SuperExec and the app processes it spawned.
+
+The local surfaces around them are the operator's alone: every fedtune tool sets umask 077
+first (`private_umask`), state folders are 0700 (`private_dir`), secrets are files passed by
+path (`write_secret`), and local APIs bind loopback only (`require_loopback`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +35,83 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 class ProcessError(RuntimeError):
     """A Flower program that is missing, exited early or never opened its port."""
+
+
+class SettingError(ValueError):
+    """A setting refused before anything starts (one line, naming the flag or file)."""
+
+
+SUPEREXEC_SECRET = "superexec.secret"  # in a state folder: signs a SuperExec's task claims (common/superexec.py)
+SSH_TUNNEL_HINT = "to reach it from another machine, use an SSH tunnel (docs/operators.md, 'Remote administration')"
+
+
+def private_umask() -> None:
+    """Owner-only from the first byte on: every fedtune tool calls this before it writes anything.
+
+    Inherited by every process it starts (SuperLink, SuperNode, gate, app processes, Ray), so the
+    state folders, ledgers, caches of hidden states, run folders and secrets are 0700/0600 even
+    where the code that writes them (Flower's, Ray's) sets no mode.
+    """
+    os.umask(0o077)
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` 0700 (parents too), and take group/other bits off whatever is already in it.
+
+    State folders made by an older fedtune, or under another umask, are 0755 with 0644 files; a
+    start tightens them before any secret is written there. Symbolic links are left alone.
+    """
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files, ""]:
+            entry = os.path.join(folder, name) if name else folder
+            mode = os.lstat(entry).st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
+                os.chmod(entry, stat.S_IMODE(mode) & 0o700)
+    return path
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """`data` in `path`, 0600 from its first byte whatever the umask, replaced atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp: 0600
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def write_secret(path: Path, size: int = 32) -> Path:
+    """A fresh secret of `size` random bytes in `path` (0600), new at every start.
+
+    Processes get the file's path, never its content: a value on a command line is readable by
+    every local user (`ps`, /proc/PID/cmdline).
+    """
+    return write_private(path, secrets.token_bytes(size))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def require_loopback(host: str, flag: str, what: str) -> str:
+    """Refuse a bind address other local machines could reach: `what` authenticates too little."""
+    if not is_loopback(host):
+        raise SettingError(f"{flag} {host}: {what} listens on loopback only (127.0.0.1 or ::1); {SSH_TUNNEL_HINT}")
+    return host
 
 
 def flower_env(flwr_home: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -85,9 +170,12 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
 class FlowerProcess:
     """One Flower program in its own process group."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None = None, stdout=None):
-        """`stdout`: None inherits ours; subprocess.PIPE or an open file also takes stderr."""
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path | None = None, stdout=None,
+                 name: str | None = None):
+        """`stdout`: None inherits ours; subprocess.PIPE or an open file also takes stderr. `name`
+        for messages (default: the program's file name)."""
         self.argv = argv
+        self.name = name or Path(argv[0]).name
         self.popen = subprocess.Popen(
             argv,
             env=env,
@@ -134,9 +222,9 @@ class FlowerProcess:
         deadline = time.monotonic() + timeout
         while not port_open(host, port):
             if self.popen.poll() is not None:
-                raise ProcessError(f"{Path(self.argv[0]).name} exited with code {self.popen.returncode}")
+                raise ProcessError(f"{self.name} exited with code {self.popen.returncode}")
             if time.monotonic() > deadline:
-                raise ProcessError(f"{Path(self.argv[0]).name}: nothing listening on {host}:{port} after {timeout:.0f} s")
+                raise ProcessError(f"{self.name}: nothing listening on {host}:{port} after {timeout:.0f} s")
             time.sleep(0.2)
 
 

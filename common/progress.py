@@ -21,7 +21,7 @@ def emit(**event: object) -> None:
         return
     line = json.dumps(event) + "\n"
     # One write() of a short line to an O_APPEND file lands whole, even with many writers.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # losses per step: owner only
     try:
         os.write(fd, line.encode())
     finally:

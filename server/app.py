@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import Context
 from flwr.common import NDArrays, ndarrays_to_parameters
+from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
@@ -36,11 +38,12 @@ from common.model import (
     to_ndarrays,
     trainable_state,
 )
-from server.report import build_metrics, write_report
+from server.report import build_metrics, write_json_atomic, write_report
 from server.round_log import RecordingGrid, RoundLog
 from server.strategy import ClippedUpdatesOnly, make_strategy, make_workflow
 
 app = ServerApp()
+LIVE_FILE = "live.json"  # metrics.json's shape, rewritten after every round while the job runs
 
 
 def run_folder(context: Context) -> Path:
@@ -60,11 +63,13 @@ class CentralEvaluation:
         self.features = encode(model, job.model, test.texts, default_cache_dir())
         self.results: dict[int, dict] = {}
         self.started = time.perf_counter()
+        self.after_round = lambda: None  # main() sets it: the run folder's live.json
 
     def __call__(self, server_round: int, weights: NDArrays, config: dict) -> tuple[float, dict]:
         load_trainable_state(self.model, from_ndarrays(self.names, weights))
         result = evaluate(self.upper, self.features, self.labels)
         self.results[server_round] = dict(result, seconds=round(time.perf_counter() - self.started, 2))
+        self.after_round()
         return result["loss"], result
 
 
@@ -78,10 +83,21 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     model = build_model(job.model, job.data.labels, pick_device(job.training.device), seed=job.federation.seed)
     evaluation = CentralEvaluation(job, model)
-    strategy = make_strategy(job, ndarrays_to_parameters(to_ndarrays(trainable_state(model))), evaluation)
     round_log = RoundLog(node_names={int(node): name for node, name in json.loads(
         str(context.run_config.get(NAMES_KEY, "{}"))).items()})
+    strategy = make_strategy(job, ndarrays_to_parameters(to_ndarrays(trainable_state(model))), evaluation, round_log)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=job.federation.rounds), strategy=strategy)
+
+    def write_live() -> None:
+        """After each round's evaluation: the metrics so far, for the console (server/console)."""
+        noised = strategy.noised_rounds if isinstance(strategy, ClippedUpdatesOnly) else 0
+        try:
+            write_json_atomic(out / LIVE_FILE, build_metrics(job, evaluation.results, round_log, {
+                "wall_seconds": round(time.perf_counter() - started, 2), "institution_dp_rounds": noised}))
+        except Exception as exc:  # noqa: BLE001 - the console's view never stops the job
+            log(WARNING, "could not write %s: %s", out / LIVE_FILE, exc)
+
+    evaluation.after_round = write_live
     make_workflow(job)(RecordingGrid(grid, round_log, job.federation.round_timeout), legacy)
     # The workflow keeps the global weights in the context; unchanged when every round was declined.
     final = legacy.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()

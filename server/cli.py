@@ -17,7 +17,19 @@ from pathlib import Path
 
 from common.config import ConfigError
 from common.data import DataError
-from common.processes import FlowerProcess, ProcessError, address_arg, dial_host, on_stop_signals, split_address
+from common.messages import describe_error
+from common.processes import (
+    FlowerProcess,
+    ProcessError,
+    SettingError,
+    address_arg,
+    dial_host,
+    on_stop_signals,
+    private_dir,
+    private_umask,
+    require_loopback,
+    split_address,
+)
 from server import pki
 from server.coordinator import (
     COMPLETED,
@@ -60,8 +72,10 @@ def cmd_cert_issue(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    # Whoever reaches the control API can admit a node or run ServerApp code as this user.
+    require_loopback(args.host, "--host", "the control API (admit institutions, submit jobs)")
     coordinator = Coordinator(outside_app_folder(args.state_dir, "state folder"))
-    coordinator.state.mkdir(parents=True, exist_ok=True)
+    private_dir(coordinator.state)
     tls = None
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
@@ -74,6 +88,9 @@ def cmd_start(args: argparse.Namespace) -> int:
                 "`fedtune-server cert issue`, or pass --insecure for a local trial"
             )
         expires = pki.check_server_files(tls.ca, tls.cert, tls.key)
+        if dial_host(args.host) not in pki.subject_alt_names(tls.cert):  # the `flwr` CLI and the ServerApp dial it
+            raise pki.PkiError(f"{tls.cert}: not valid for {dial_host(args.host)}, where the control API listens; "
+                               f"issue it with `--ip {dial_host(args.host)}` besides the names institutions dial")
         if expires - datetime.now(timezone.utc) < timedelta(days=30):
             say(f"warning: {tls.cert} expires on {expires:%Y-%m-%d}; issue a new one soon")
     fleet_host, fleet_port = split_address(args.fleet_address)
@@ -82,6 +99,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
         coordinator.env(),
         cwd=coordinator.state,
+        name="flower-superlink",
     )
     stopping: list[int] = []
 
@@ -135,7 +153,7 @@ def cmd_bundle(_args: argparse.Namespace) -> int:
 def _failure(run: dict) -> str:
     """Flower's reason a run failed (for fedtune's jobs it carries an institution's reason), or ''."""
     details = run.get("status-details") or ""
-    return "" if details in ("", "N/A") or run["status"] == COMPLETED else details
+    return "" if details in ("", "N/A") or run["status"] == COMPLETED else describe_error(details)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -149,12 +167,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
     say(f"submitted run {run_id}: {job.federation.institutions} institutions, {job.federation.rounds} rounds -> {out}")
     say(f"app bundle sha256:{bundle} (each institution must have approved it)")
     if args.detach:
-        say(f"follow it with `fedtune-server status {run_id}`")
+        say(f"follow it with `fedtune-server follow {run_id}` or `fedtune-server console` (a browser)")
         return 0
+    return _follow(coordinator, run_id, out, args.quiet)
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    coordinator = Coordinator(args.state_dir)
+    runs = coordinator.runs(args.run_id)
+    if not runs:
+        raise CoordinatorError(f"no run {args.run_id} (see `fedtune-server status`)")
+    out = Path(runs[0]["out"]) if runs[0]["out"] else None
+    say(f"following run {args.run_id} ({runs[0]['status']}){' -> ' + str(out) if out else ''}")
+    return _follow(coordinator, args.run_id, out, args.quiet)
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from server.console import Console, ConsoleServer, CoordinatorJobs
+
+    coordinator = Coordinator(args.state_dir)
+    if not coordinator.flwr_home.is_dir():
+        raise CoordinatorError(f"{coordinator.state}: no coordinator here (start one with `fedtune-server start`)")
+    jobs = CoordinatorJobs(coordinator.state)
+    server = ConsoleServer(Console(jobs.snapshot), args.port)
+    jobs.start()
+    say(f"console at {server.url} (127.0.0.1 only; the token in it is the key; Ctrl-C stops it)")
     try:
-        run = coordinator.follow(run_id, show_logs=not args.quiet)
+        server.run()
+    finally:
+        jobs.stop()
+    say("console stopped")
+    return 0
+
+
+def _follow(coordinator: Coordinator, run_id: str, out: Path | None, quiet: bool) -> int:
+    """Stream the run's log until it ends; 0 if it completed."""
+    try:
+        run = coordinator.follow(run_id, show_logs=not quiet)
     except KeyboardInterrupt:
-        say(f"stopped following; run {run_id} goes on (`fedtune-server status {run_id}`)")
+        say(f"stopped following; run {run_id} goes on (`fedtune-server follow {run_id}`)")
         return 130
     if run["status"] != COMPLETED:
         details = _failure(run)
@@ -162,8 +213,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             f" (see `flwr log {run_id}` with FLWR_HOME={coordinator.flwr_home})")
         return 1
     summary = ""
-    metrics_file = out / "metrics.json"
-    if metrics_file.is_file():
+    metrics_file = out / "metrics.json" if out else None
+    if metrics_file and metrics_file.is_file():
         last = json.loads(metrics_file.read_text())["rounds"][-1]
         summary = f"; accuracy {last['accuracy']:.3f} after round {last['round']}"
     say(f"run {run_id} {run['status']}{summary}; results in {out}")
@@ -221,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", parents=[state], help="run the coordinator (until Ctrl-C)")
     start.add_argument("--certs", type=Path, metavar="DIR",
                        help="folder with ca.pem, server.pem and server.key (default: the state folder)")
-    start.add_argument("--host", default="127.0.0.1", help="address of the control API (admin, jobs) (default 127.0.0.1)")
+    start.add_argument("--host", default="127.0.0.1",
+                       help="loopback address of the control API (admin, jobs) (default 127.0.0.1; from "
+                       "elsewhere, use an SSH tunnel)")
     start.add_argument("--port", type=int, default=9093, help="port of the control API (default 9093)")
     start.add_argument("--fleet-address", default="127.0.0.1:9092", type=address_arg, metavar="HOST:PORT",
                        help="HOST:PORT institutions connect to (default 127.0.0.1:9092; 0.0.0.0:9092 for all interfaces)")
@@ -252,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--quiet", action="store_true", help="do not stream the coordinator's log")
     submit.set_defaults(run=cmd_submit)
 
+    follow = commands.add_parser("follow", parents=[state], help="stream a run's log until it ends (e.g. after --detach)")
+    follow.add_argument("run_id", metavar="RUN_ID")
+    follow.add_argument("--quiet", action="store_true", help="do not stream the coordinator's log, only wait")
+    follow.set_defaults(run=cmd_follow)
+
+    console = commands.add_parser("console", parents=[state],
+                                  help="a live web console of the jobs, on 127.0.0.1 (read-only; until Ctrl-C)")
+    console.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    console.set_defaults(run=cmd_console)
+
     status = commands.add_parser("status", parents=[state], help="show runs and their status")
     status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="one run (default: all)")
     status.set_defaults(run=cmd_status)
@@ -264,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    private_umask()  # before anything is written: state, runs, secrets are the operator's alone
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, DataError, pki.PkiError) as exc:
+    except (ConfigError, DataError, pki.PkiError, SettingError) as exc:
         print(f"fedtune-server: error: {exc}", file=sys.stderr)
         return 2
     except (CoordinatorError, ProcessError) as exc:

@@ -8,7 +8,10 @@ run only app bundles they approved by hash; `bundle_hash` tells the operator whi
 
 The state folder holds the SuperLink database, a private FLWR_HOME whose `config.toml` names the
 connection `fedtune`, `institutions.json` and `runs.json`. It must lie outside the app folder:
-`flwr run` ships every .py/.toml/.json/.md file of that folder to every institution.
+`flwr run` ships every .py/.toml/.json/.md file of that folder to every institution. It is 0700
+and its files 0600: it also holds the two secrets that make the SuperLink's local APIs answer
+only this user (`control.token` for the Control API, `superexec.secret` for the Runtime API's
+task claims; server/superlink.py), both new at every start.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import sys
 import subprocess
 import tempfile
 import time
@@ -29,13 +34,19 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.build import build_fab_from_disk
+from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY, REFRESH_TOKEN_STORE_KEY
+from flwr.common.constant import AuthnType
+from flwr.supercore.credential_store import FileCredentialStore
 
 from common.config import NAMES_KEY, OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
 from common.data import read_records
-from common.processes import FlowerProcess, dial_host, flower_env, flower_executable
+from common.model_files import model_digest, packaged_model_path
+from common.processes import FlowerProcess, dial_host, flower_env, flower_executable, write_private, write_secret
+from common.superexec import SECRET_FILE
 from server.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 
 CONNECTION = "fedtune"
+CONTROL_TOKEN = "control.token"  # in the state folder: what the Control API accepts (server/superlink.py)
 FINISHED = "finished"
 COMPLETED = "finished:completed"
 
@@ -79,7 +90,9 @@ def bundle_hash(app: Path = REPO_ROOT) -> str:
 
 
 def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None) -> list[str]:
-    command = [flower_executable("flower-superlink")]
+    """Flower's `flower-superlink` flags, run through server/superlink.py (Control API token, fedtune's
+    SuperExec, TLS 1.3); secrets travel as file paths only."""
+    command = [sys.executable, "-m", "server.superlink", "--control-token-file", str(state / CONTROL_TOKEN), "--"]
     if tls is None:
         command.append("--insecure")
     else:
@@ -90,6 +103,7 @@ def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls
         "--fleet-api-address", fleet_address,  # Flower's default binds every interface
         "--database", str(state / "superlink.db"),
         "--disable-runtime-dependency-installation",
+        "--isolation", "process", "--superexec-auth-secret-file", str(state / SECRET_FILE),
     ]
 
 
@@ -102,6 +116,12 @@ def validate_job(path: Path) -> JobConfig:
         raise ConfigError(f"{path}: data.test_path: the coordinator needs a held-out file to evaluate on")
     # A test label outside the label set would only fail on the coordinator after the first round.
     read_records(job.data.test_path, job.data.text_column, job.data.label_column).label_ids(job.data.labels)
+    # Institutions load their own pinned model folder and refuse a job whose model digest differs.
+    folder = job.model.path or packaged_model_path()
+    try:
+        job.model.sha256 = model_digest(folder)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: model.path: {folder}: no such model folder") from None
     return job
 
 
@@ -111,9 +131,7 @@ def _one_line(text: str) -> str:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_private(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _read_json(path: Path) -> dict:
@@ -147,16 +165,29 @@ class Coordinator:
     # -- connection ----------------------------------------------------------------------------
 
     def write_connection(self, host: str, port: int, ca: Path | None) -> str:
-        """Point the private FLWR_HOME at this SuperLink; returns the address the CLI dials."""
+        """Point the private FLWR_HOME at this SuperLink, with fresh secrets; returns the address the CLI dials.
+
+        The Control API token goes where the `flwr` CLI keeps an OIDC login (FLWR_HOME/credentials.yaml,
+        in Flower's own format), so every `flwr` command fedtune runs presents it as a bearer token.
+        """
         address = f"{dial_host(host)}:{port}"
         connection: dict = {"address": address}
         if ca is None:
             connection["insecure"] = True
         else:
             connection["root-certificates"] = str(Path(ca).resolve())
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(mode=0o700, parents=True, exist_ok=True)
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
-        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
+        write_private(self.flwr_home / "config.toml", tomli_w.dumps(config).encode())
+        token = secrets.token_hex(32)
+        write_private(self.state / CONTROL_TOKEN, token.encode())
+        credentials = self.flwr_home / "credentials.yaml"
+        credentials.unlink(missing_ok=True)  # a token for an earlier address or start is void
+        store = FileCredentialStore(credentials)  # writes through an owner-only temporary file
+        store.set(AUTHN_TYPE_STORE_KEY % address, AuthnType.OIDC.encode())
+        store.set(ACCESS_TOKEN_STORE_KEY % address, token.encode())
+        store.set(REFRESH_TOKEN_STORE_KEY % address, b"none")  # the CLI needs one; TokenAuthn refreshes nothing
+        write_secret(self.state / SECRET_FILE)
         return address
 
     def env(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ from common import messages as m  # noqa: E402
 from common.config import JobConfig  # noqa: E402
 from common.accounting import institution_epsilon  # noqa: E402
 from server.round_log import RoundLog  # noqa: E402
+from server.update_checks import AGGREGATE, SENTENCES  # noqa: E402
 
 ACCOUNTANT_NAMES = {"rdp": "Rényi DP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
 
@@ -29,7 +30,6 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
             {
                 "round": rnd,
                 **evaluations[rnd],
-                "train_loss": _mean([r[m.TRAIN_LOSS] for r in replies.values()]),
                 # the rest of a round's wall time is coordination: polling, process starts, SecAgg+
                 "slowest_training_seconds": max((r[m.TRAIN_SECONDS] for r in replies.values()), default=None),
                 "bytes_down": sum(down for down, _ in sent),
@@ -37,6 +37,7 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
                 "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},
                 "declined": round_log.declined.get(rnd, {}),
                 "dropped": round_log.dropped.get(rnd, {}),
+                "rejected": round_log.rejected.get(rnd, {}),  # institution or "aggregate" -> Rejection code
             }
         )
     institutions_dp = job.institution_dp
@@ -68,7 +69,7 @@ def _institution(job: JobConfig, round_log: RoundLog, name: str) -> dict:
         "name": name,
         "rounds": len(history),
         "declined_rounds": sorted(rnd for rnd, names in round_log.declined.items() if name in names),
-        "target_epsilon": job.privacy.target_epsilon,
+        "requested_epsilon": job.privacy.target_epsilon,
         "bytes_down": sum(down for down, _ in sent),
         "bytes_up": sum(up for _, up in sent),
         "train_seconds": sum(r[m.TRAIN_SECONDS] for _, r in history),
@@ -84,6 +85,7 @@ def _institution(job: JobConfig, round_log: RoundLog, name: str) -> dict:
         epsilon=last[m.EPSILON],
         dataset_epsilon=last[m.DATASET_EPSILON],
         budget_epsilon=last[m.BUDGET_EPSILON],
+        granted_epsilon=last[m.GRANT_EPSILON],
         delta=last[m.DELTA],
         accountant=last[m.ACCOUNTANT],
         noise_multiplier=last[m.NOISE_MULTIPLIER],
@@ -95,13 +97,9 @@ def _institution(job: JobConfig, round_log: RoundLog, name: str) -> dict:
 
 # What only an institution that released something can report.
 RELEASE_FIELDS = (
-    "examples", "dataset_epsilon", "budget_epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
+    "examples", "dataset_epsilon", "budget_epsilon", "granted_epsilon", "delta", "accountant", "noise_multiplier", "sample_rate",
     "max_grad_norm",
 )
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -122,7 +120,8 @@ def write_report(folder: Path, metrics: dict) -> None:
 
 
 PRIVACY_FIELDS = (
-    "name", "examples", "epsilon", "dataset_epsilon", "budget_epsilon", "delta", "accountant", "sample_rate",
+    "name", "examples", "requested_epsilon", "granted_epsilon", "epsilon", "dataset_epsilon", "budget_epsilon", "delta",
+    "accountant", "sample_rate",
     "noise_multiplier", "max_grad_norm", "steps", "rounds", "declined_rounds",
 )
 
@@ -135,10 +134,29 @@ def privacy_report(metrics: dict) -> dict:
         "secure_aggregation": metrics["secure_aggregation"],
         "institution_level_dp": metrics["institution_dp"],
         "rounds_planned": metrics["config"]["federation"]["rounds"],
+        "record_count_granularity": m.RECORD_GRANULARITY,
+        "what_left_each_institution": WHAT_LEAVES,
         "institutions": [{key: inst[key] for key in PRIVACY_FIELDS} for inst in metrics["institutions"]],
         "declined": {str(r["round"]): r["declined"] for r in metrics["rounds"] if r.get("declined")},
         "dropped": {str(r["round"]): r["dropped"] for r in metrics["rounds"] if r.get("dropped")},
+        "rejected": {str(r["round"]): r["rejected"] for r in metrics["rounds"] if r.get("rejected")},
     }
+
+
+# Exactly what crosses from an institution to the coordinator, and what covers it.
+WHAT_LEAVES = [
+    {"what": "its trainable weights after local DP-SGD (with SecAgg+: masked, and unmasked only as part of the sum)",
+     "covered_by_epsilon": True},
+    {"what": f"its record count rounded up to a multiple of {m.RECORD_GRANULARITY}, as its update's weight "
+             "(in clear beside the update, with SecAgg+ too)", "covered_by_epsilon": False},
+    {"what": "its privacy terms and spend: budget, grant, epsilon, delta, accountant, noise multiplier, sample rate "
+             "(which reveals ceil(records / batch size)), clip norm, steps", "covered_by_epsilon": False},
+    {"what": "its training time, rounded up to whole seconds", "covered_by_epsilon": False},
+    {"what": "with SecAgg+: the protocol's public keys, encrypted key shares and, for dropouts, their share of masks",
+     "covered_by_epsilon": False},
+    {"what": "a refusal: a reason code and a fixed sentence (never a record value, column name, path or error text)",
+     "covered_by_epsilon": False},
+]
 
 
 def cell(value, spec: str = "") -> str:
@@ -175,25 +193,41 @@ def render_privacy_markdown(report: dict) -> str:
         f"- Secure aggregation: {secagg}.",
         f"- {institution_dp_line(report['institution_level_dp'])}",
         "",
-        "| institution | records | epsilon this job | data set epsilon / budget | delta | accountant | sample rate "
+        "Each institution granted the job at most what its own budget had left, at its own delta and accountant; "
+        "the job's request was a request.",
+        "",
+        f"| institution | records (rounded up to {report['record_count_granularity']}s) | epsilon requested / granted "
+        "| epsilon this job | data set epsilon / budget | delta | accountant | sample rate "
         "| noise multiplier | clip norm | steps | rounds | declined rounds |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for inst in report["institutions"]:
         lines.append(
-            f"| {inst['name']} | {cell(inst['examples'])} | {inst['epsilon']:.4f} | "
+            f"| {inst['name']} | {cell(inst['examples'])} | {inst['requested_epsilon']:g} / "
+            f"{cell(inst['granted_epsilon'], '.4f')} | {inst['epsilon']:.4f} | "
             f"{cell(inst['dataset_epsilon'], '.4f')} / {cell(inst['budget_epsilon'], 'g')} | {cell(inst['delta'], 'g')} | "
             f"{cell(inst['accountant'])} | {cell(inst['sample_rate'], '.4f')} | {cell(inst['noise_multiplier'], '.4f')} | "
             f"{cell(inst['max_grad_norm'], 'g')} | {inst['steps']} | {inst['rounds']} | "
             f"{', '.join(map(str, inst['declined_rounds'])) or '-'} |"
         )
     for rnd, names in report["declined"].items():
-        for name, why in names.items():
-            lines.append(f"\n- Round {rnd}: {name} declined: {why}")
+        for name, reason in names.items():
+            lines.append(f"\n- Round {rnd}: {m.Refusal(name, m.Reason(reason)).sentence}.")
     for rnd, names in report["dropped"].items():
         for name, what in names.items():
             lines.append(f"\n- Round {rnd}: {name} dropped out ({what}); its ledger counts whatever it released "
                          "for the round, aggregated or not.")
+    for rnd, names in report.get("rejected", {}).items():
+        for who, code in names.items():
+            what = "the round's aggregate" if who == AGGREGATE else f"{who}'s update"
+            lines.append(f"\n- Round {rnd}: the coordinator rejected {what} ({code}: "
+                         f"{SENTENCES.get(code, 'see server/update_checks.py')}); "
+                         + ("the global model stayed as it was." if who == AGGREGATE else
+                            "it was left out of the average; its ledger counts the release."))
+    lines += ["", "## What left each institution", ""]
+    lines += [f"- {item['what']}: " + ("covered by its epsilon." if item["covered_by_epsilon"] else
+                                       "not covered by epsilon.") for item in report["what_left_each_institution"]]
+    lines += ["- Nothing else: no record, no column name of its file, no path, no training loss, no error text."]
     return "\n".join(lines) + "\n"
 
 
@@ -210,7 +244,8 @@ def render_markdown(metrics: dict) -> str:
         f"strategy {cfg['federation']['strategy']}, Dirichlet alpha {cfg['federation']['alpha']}.",
         f"- Privacy: record-level DP-SGD on every institution (Opacus: Poisson sampling, per-record clipping at "
         f"{privacy['max_grad_norm']}, Gaussian noise). The job asked each institution for epsilon "
-        f"{privacy['target_epsilon']}; each institution grants at most what its own budget has left. Every epsilon "
+        f"{privacy['target_epsilon']}; each institution granted at most what its own budget had left, at its own "
+        "delta and accountant. Every epsilon "
         "below is the institution's accountant over its whole released history (all rounds, all local steps, the "
         "real sampling rate), at the delta shown.",
         f"- Secure aggregation: {'on (SecAgg+)' if metrics['secure_aggregation'] else 'off'}. "
@@ -219,25 +254,23 @@ def render_markdown(metrics: dict) -> str:
         "",
         "## Rounds",
         "",
-        "| round | accuracy | loss | mean train loss | bytes up | bytes down |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| round | accuracy | loss | bytes up | bytes down |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for r in metrics["rounds"]:
-        train_loss = "" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        lines.append(
-            f"| {r['round']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {train_loss} | {r['bytes_up']:,} | {r['bytes_down']:,} |"
-        )
+        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['bytes_up']:,} | {r['bytes_down']:,} |")
     lines += [
         "",
         "## Institutions",
         "",
-        "| institution | records | epsilon (this job) | data set epsilon / budget | delta | accountant | noise multiplier "
+        "| institution | records (rounded) | epsilon granted / this job | data set epsilon / budget | delta | accountant | noise multiplier "
         "| sample rate | clip norm | steps | rounds (declined) | bytes up | bytes down |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for inst in metrics["institutions"]:
         lines.append(
-            f"| {inst['name']} | {cell(inst['examples'])} | {inst['epsilon']:.3f} | {cell(inst['dataset_epsilon'], '.3f')} / "
+            f"| {inst['name']} | {cell(inst['examples'])} | {cell(inst['granted_epsilon'], '.3f')} / {inst['epsilon']:.3f} | "
+            f"{cell(inst['dataset_epsilon'], '.3f')} / "
             f"{cell(inst['budget_epsilon'], 'g')} | {cell(inst['delta'], 'g')} | {cell(inst['accountant'])} | "
             f"{cell(inst['noise_multiplier'], '.4f')} | {cell(inst['sample_rate'], '.4f')} | {cell(inst['max_grad_norm'], 'g')} | "
             f"{inst['steps']} | {inst['rounds']} ({len(inst['declined_rounds'])}) | {inst['bytes_up']:,} | {inst['bytes_down']:,} |"

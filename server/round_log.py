@@ -14,7 +14,6 @@ would spend privacy budget on an update the coordinator has stopped waiting for.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -26,7 +25,6 @@ from flwr.serverapp import Grid
 
 from common import messages as m
 
-DECLINED_REASON = re.compile(re.escape(m.DECLINED) + r"\[([^\]]+)\]: ([^'\n]*)")
 # Errors Flower reports when a reply was lost rather than refused: the node went offline, its
 # ClientApp process died (killed, out of memory), or its upload never completed. The round goes
 # on without that institution, as it would after a timeout; the report names it.
@@ -65,8 +63,10 @@ class RoundLog:
     """Per round: what each institution reported and sent, keyed by institution name."""
 
     replies: dict[int, dict[str, dict]] = field(default_factory=dict)
-    declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> reason
+    declined: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> Reason code
     dropped: dict[int, dict[str, str]] = field(default_factory=dict)  # round -> institution -> what happened
+    # round -> institution, or "aggregate" for the SecAgg+ sum -> server.update_checks.Rejection code
+    rejected: dict[int, dict[str, str]] = field(default_factory=dict)
     node_bytes: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # round -> node -> [down, up]
     node_names: dict[int, str] = field(default_factory=dict)
 
@@ -80,6 +80,10 @@ class RoundLog:
         nodes = [node for node, known in self.node_names.items() if known == name]
         sent = [self.node_bytes.get(server_round, {}).get(node, [0, 0]) for node in nodes]
         return sum(s[0] for s in sent), sum(s[1] for s in sent)
+
+    def reject(self, server_round: int, who: str, reason: str) -> None:
+        """The coordinator's checks refused an institution's update, or the SecAgg+ sum ("aggregate")."""
+        self.rejected.setdefault(server_round, {})[who] = str(reason)
 
     def name_of(self, node_id: int) -> str:
         return self.node_names.get(node_id, f"node {node_id}")
@@ -120,13 +124,13 @@ class RecordingGrid(Grid):
             self.round_log.dropped.setdefault(server_round, {})[name] = DROPOUTS[reply.error.code]
             return
         if reply.has_error():
-            declined = DECLINED_REASON.search(reply.error.reason)
-            if declined is None:
-                raise InstitutionFailed(f"round {server_round}: an institution failed: {reply.error.reason}")
-            name, why = declined.groups()
-            log(WARNING, "round %s: %s declined: %s", server_round, name, why)
-            self.round_log.node_names[node] = name
-            self.round_log.declined.setdefault(server_round, {})[name] = why
+            refusal = m.Refusal.decode(reply.error.reason)
+            if refusal is None or not refusal.declined:
+                raise InstitutionFailed(f"round {server_round}: {m.describe_error(reply.error.reason)}")
+            # An admitted institution is known by the name its operator was admitted under.
+            name = self.round_log.node_names.setdefault(node, refusal.institution)
+            log(WARNING, "round %s: %s", server_round, refusal.sentence)
+            self.round_log.declined.setdefault(server_round, {})[name] = refusal.reason.value
             return
         self.round_log.count(server_round, node, up=content_bytes(reply.content))
         if m.FIT_METRICS in reply.content.config_records:  # the reply that carries the update

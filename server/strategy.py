@@ -9,26 +9,31 @@ Institution-level DP (`[institution_dp]`) wraps the strategy in Flower's
 `DifferentialPrivacyClientSideFixedClipping`; `ClippedUpdatesOnly` refuses any round in which an
 institution did not report clipping its update to the bound the noise was calibrated for, since
 Flower's wrapper would otherwise add noise to unclipped updates without a word.
+
+Every job's strategy is wrapped in `CheckedUpdates` (server/update_checks.py): malformed, non-finite
+or out-of-bounds updates, or a SecAgg+ sum that no honest inputs could produce, never become the
+global model. With institution-level DP it sits inside `ClippedUpdatesOnly`, so it checks the
+average before the noise is added (noise is unbounded; a noised average would fail the bound by
+chance) and a rejected round is never noised nor counted.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-from flwr.common import NDArrays, Parameters, Scalar
+from flwr.common import NDArrays, Parameters, Scalar, parameters_to_ndarrays
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
 from common import messages as m
 from common.config import JobConfig
-from server.round_log import InstitutionFailed
+from server.round_log import InstitutionFailed, RoundLog
+from server.update_checks import CheckedUpdates, UpdateBounds
 
-# SecAgg+ sums quantised values modulo 2**32; each institution's must stay below 2**32 / institutions,
-# and Flower's stochastic rounding casts to int32.
+# SecAgg+ sums quantised values modulo 2**32; Flower's stochastic rounding casts them to int32.
 MODULUS = 2**32
-MAX_QUANTIZATION = 2**30
+INT32_MAX = 2**31 - 1
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]
 
@@ -52,8 +57,12 @@ class ClippedUpdatesOnly(DifferentialPrivacyClientSideFixedClipping):
         return parameters, metrics
 
 
-def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn) -> Strategy:
-    """Every institution trains in every round; the coordinator evaluates centrally."""
+def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn,
+                  round_log: RoundLog | None = None) -> Strategy:
+    """Every institution trains in every round; the coordinator evaluates centrally.
+
+    Order: ClippedUpdatesOnly(CheckedUpdates(Flower's strategy)); rejections go to `round_log`.
+    """
     fed = job.federation
     common = dict(
         fraction_fit=1.0,
@@ -65,7 +74,7 @@ def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn) 
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=lambda server_round: {
             m.SERVER_ROUND: server_round,
-            m.MAX_WEIGHT: job.secure_aggregation.max_weight,
+            m.MAX_WEIGHT: max_weight(job),
         },
         # Per-institution metrics are kept by server.round_log, not averaged.
         fit_metrics_aggregation_fn=lambda results: {},
@@ -76,14 +85,45 @@ def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn) 
         "fedadam": lambda: FedAdam(**common, eta=fed.server_learning_rate, eta_l=job.training.learning_rate),
     }[fed.strategy]()
     dp = job.institution_dp
+    strategy = CheckedUpdates(strategy, update_bounds(job, initial), round_log, void_round_on_rejection=dp.enabled)
     if dp.enabled:
         strategy = ClippedUpdatesOnly(strategy, dp.noise_multiplier, dp.clipping_norm, fed.institutions)
     return strategy
 
 
-def quantization_range(institutions: int) -> int:
-    """The finest SecAgg+ quantisation whose sum over all institutions cannot wrap around."""
-    return min(MAX_QUANTIZATION, 2 ** int(math.log2(MODULUS // institutions)))
+def max_weight(job: JobConfig) -> int:
+    """The largest weight an update may carry: `secure_aggregation.max_weight`, or 1 under institution-level DP,
+    where every institution weighs 1. SecAgg+ quantises a weight w as round(w / max_weight * R): at the default
+    100 000 a weight of 1 would be 10 737 steps and the average off by up to 2 * clipping_range / 10 737."""
+    return 1 if job.institution_dp.enabled else job.secure_aggregation.max_weight
+
+
+def update_bounds(job: JobConfig, initial: Parameters) -> UpdateBounds:
+    """What an update may look like: the global model's shapes, values within the SecAgg+ clipping range."""
+    secagg = job.secure_aggregation
+    return UpdateBounds(
+        shapes=tuple(a.shape for a in parameters_to_ndarrays(initial)),
+        clipping_range=secagg.clipping_range,
+        max_weight=float(max_weight(job)),
+        institutions=job.federation.institutions,
+        quantization_range=quantization_range(job.federation.institutions) if secagg.enabled else None,
+    )
+
+
+def quantization_range(institutions: int, modulus: int = MODULUS) -> int:
+    """The largest SecAgg+ quantisation range R whose sum over `institutions` honest inputs never wraps.
+
+    Flower 1.39's `secaggplus_mod` sends, per institution, the weight factor round(w / max_weight * R),
+    in [0, R] for w <= max_weight, and each weighted value clipped to +-c and quantised as
+    stochastic_round((v + c) * R / 2c): in [0, R], or R + 1 when the float product (c + c) * (R / 2c)
+    rounds above R (it does for some c and R). The coordinator sums n of them modulo M; the sum
+    never reaches M when n * (R + 1) <= M - 1. (The old 2^32 / n made n * R = M exactly for n a
+    power of two: four or eight institutions at max_weight decoded a total weight of 0, and the
+    global model became -inf.) The rounding casts to int32, so R + 1 <= 2^31 - 1 too.
+    """
+    if institutions < 1:
+        raise ValueError("at least one institution")
+    return min(INT32_MAX - 1, (modulus - 1) // institutions - 1)
 
 
 def make_workflow(job: JobConfig) -> DefaultWorkflow:
@@ -94,7 +134,7 @@ def make_workflow(job: JobConfig) -> DefaultWorkflow:
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,  # every institution holds a share of every other's key
             reconstruction_threshold=secagg.reconstruction_threshold,
-            max_weight=float(secagg.max_weight),
+            max_weight=float(max_weight(job)),
             clipping_range=secagg.clipping_range,
             quantization_range=quantization_range(job.federation.institutions),
             modulus_range=MODULUS,

@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.config import ConfigError, JobConfig, load_config
 from common.data import DataError, label_set, read_records
 from common.model import ModelError
+from common.processes import private_umask
 from common.progress import ENV_VAR as PROGRESS_ENV, Follower
 from simulations.summary import print_summary
 
@@ -38,8 +39,8 @@ OVERRIDES = {
     "strategy": ("federation.strategy", str, "fedavg, fedprox or fedadam"),
     "alpha": ("federation.alpha", float, "Dirichlet alpha of the non-IID label split"),
     "seed": ("federation.seed", int, "seed of the split and of the initial model"),
-    "epsilon": ("privacy.target_epsilon", float, "epsilon each institution may spend over the job"),
-    "delta": ("privacy.delta", float, "delta of the (epsilon, delta) guarantee"),
+    "epsilon": ("privacy.target_epsilon", float, "epsilon the job asks of each institution"),
+    "delta": ("privacy.delta", float, "delta a new simulated data set's budget takes by default"),
     "max_grad_norm": ("privacy.max_grad_norm", float, "per-record clipping bound"),
     "accountant": ("privacy.accountant", str, "rdp or prv"),
     "secure_aggregation": ("secure_aggregation.enabled", on_off, "SecAgg+: on (default) or off, to measure its cost"),
@@ -67,10 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="where simulated institutions keep their privacy ledgers (default <out>/institutions); "
         "reuse it to make later jobs draw on the same budgets",
     )
+    parser.add_argument("--budget-epsilon", type=float, metavar="EPSILON",
+                        help="each simulated institution's budget over all jobs on --state-dir "
+                        "(default: the job's epsilon, for a data set not seen before)")
+    parser.add_argument("--budget-delta", type=float, metavar="DELTA",
+                        help="delta of that budget (default: the job's delta, for a data set not seen before)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved job as TOML and exit")
     parser.add_argument("--cpus-per-institution", type=float, default=1.0, help="CPU cores per simulated institution")
     parser.add_argument("--gpus-per-institution", type=float, default=0.0, help="GPU share per simulated institution")
     parser.add_argument("--verbose", action="store_true", help="show Flower's own log lines")
+    parser.add_argument("--console", action="store_true",
+                        help="follow the job in a browser: a live console on 127.0.0.1, its URL (with its token) "
+                        "printed before the first round; it stops when the job ends")
+    parser.add_argument("--console-port", type=int, default=0, metavar="PORT", help="port of --console (default: a free one)")
     for flag, (_, kind, text) in OVERRIDES.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, help=text)
     return parser
@@ -127,6 +137,7 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    private_umask()  # run folders, ledgers and feature caches (hidden states of every record): owner only
     args = build_parser().parse_args(argv)
     console = Console()
     if not console.is_terminal:
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(tomli_w.dumps(job.to_toml_dict()))
         return 0
+    from client.privacy.budget import BudgetError
     from simulations.engine import SimulationFailed, simulate  # heavy imports after validation
 
     if not args.verbose:
@@ -153,20 +165,33 @@ def main(argv: list[str] | None = None) -> int:
         f"fedtune-sim: {job.federation.institutions} institutions, {job.federation.rounds} rounds, "
         f"epsilon {job.privacy.target_epsilon} (delta {job.privacy.delta:g}) each -> {out}"
     )
+    watched = web = None
+    if args.console:
+        from server.console import serve_simulation
+
+        watched, web = serve_simulation(out, job, args.console_port)
+        print(f"fedtune-sim: console at {web.url} (127.0.0.1 only; the token in it is the key)", flush=True)
+    outcome = ("interrupted", "the simulation stopped before the job ended")  # for the console
     stop = threading.Event()
     display = threading.Thread(target=follow_progress, args=(progress_file, job, stop, console), daemon=True)
     display.start()
     try:
         simulate(
             job, out, (args.state_dir or out / "institutions").resolve(), args.cpus_per_institution,
-            args.gpus_per_institution, verbose=args.verbose,
+            args.gpus_per_institution, verbose=args.verbose, budget_epsilon=args.budget_epsilon,
+            budget_delta=args.budget_delta,
         )
-    except SimulationFailed as exc:
+        outcome = ("finished", "")
+    except (SimulationFailed, BudgetError) as exc:
+        outcome = ("failed", str(exc))
         console.print(f"[red]error:[/red] {exc}", highlight=False)
         return 1
     finally:
         stop.set()
         display.join()
+        if web is not None:
+            watched.finish(*outcome)
+            web.stop()  # after every open page has the final state
     print_summary(out, console)
     return 0
 

@@ -3,12 +3,27 @@
 The ServerApp and ClientApp are the production ones; only the transport differs. Flower's
 public `run_simulation` drops the run config, which is how the job reaches both apps, so this
 calls the engine's `_run_simulation` (flwr pinned to 1.39.0) with the run config attached.
+
+Ray listens on loopback only, and answers only this simulation's processes. By default it
+advertises the machine's outward address and binds its GCS, raylet, object manager and worker
+ports to every interface, even when asked for `_node_ip_address="127.0.0.1"` (Ray turns that
+into the outward address); its single-machine mode, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (the
+default on macOS and Windows), uses 127.0.0.1 for all of them. Loopback is still open to every
+other user of the machine, and whoever joins a Ray cluster runs code as its user; Ray's token
+authentication (`RAY_AUTH_MODE=token`, a fresh random token per process, in the environment only,
+which other users cannot read) shuts them out. Both must be set before Ray is imported, in this
+process and so in every Ray process it starts.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before flwr imports Ray: see above
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 from flwr.app import Context, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -27,6 +42,7 @@ from client.round import STATE_DIR_ENV
 from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig
 from common.flower_env import quiet_flower
 from server.app import app as coordinator_app
+from simulations.budgets import register_budgets
 
 
 def _new_run(run_config: dict) -> Run:
@@ -52,20 +68,28 @@ def simulate(
     cpus_per_institution: float = 1.0,
     gpus_per_institution: float = 0.0,
     verbose: bool = False,
+    budget_epsilon: float | None = None,
+    budget_delta: float | None = None,
     server_app: ServerApp = coordinator_app,
     client_app: ClientApp = institution_app,
 ) -> None:
     """Run `job` with `job.federation.institutions` simulated institutions; results go to `out`,
-    institution `name`'s privacy ledger to `state_dir/name`. Other apps: tests that observe the real ones."""
+    institution `name`'s privacy ledger to `state_dir/name`, with its budget registered first
+    (simulations/budgets.py). Other apps: tests that observe the real ones."""
     if not verbose:
         quiet_flower()
+    register_budgets(job, state_dir, budget_epsilon, budget_delta)
     os.environ[STATE_DIR_ENV] = str(state_dir)
     run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out)}
     run = _new_run(run_config)
+    from ray._private import ray_constants  # pylint: disable=import-outside-toplevel
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before this module set the variable
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_institution, "num_gpus": gpus_per_institution},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False,
+                      "_node_ip_address": "127.0.0.1"},
     }
     result = _run_simulation(
         num_supernodes=job.federation.institutions,

@@ -93,6 +93,7 @@ class Coordinator:
     fleet: str
     log: Path
     env: dict
+    process: FlowerProcess | None = None  # `fedtune-server start`, when started by start_coordinator
 
     def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return cli("server", *args, "--state-dir", self.state, env=self.env, timeout=timeout)
@@ -126,7 +127,7 @@ def start_coordinator(procs: Processes, state: Path, certs: Path, env: dict, *ex
     while "fedtune-server: ready" not in log.read_text():
         assert process.poll() is None and time.monotonic() < deadline, tail(log)
         time.sleep(0.3)
-    return Coordinator(state, certs, fleet, log, env)
+    return Coordinator(state, certs, fleet, log, env, process)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,12 @@ def data_files(banking_slice, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+# Every institution sets its own budget (epsilon and delta) when it starts; the daemon refuses to start without one.
+TEST_BUDGET = ("--budget-epsilon", "100", "--budget-delta", "1e-5")
+
+
 def start_institution(procs: Processes, coordinator: Coordinator, name: str, data: Path,
-                      ca: Path | None = None, key: Path | None = None):
+                      ca: Path | None = None, key: Path | None = None, budget: tuple[str, ...] = TEST_BUDGET):
     folder = procs.folder / name
     if key is None:
         made = cli("client", "keygen", "--out", folder, env=coordinator.env)
@@ -166,6 +171,7 @@ def start_institution(procs: Processes, coordinator: Coordinator, name: str, dat
         name, "client", "start", "--superlink", coordinator.fleet,
         "--root-certificates", ca or coordinator.certs / "ca.pem", "--private-key", key,
         "--data", data, "--name", name, "--device", "cpu", "--state-dir", folder / "state", "--port", free_port(),
+        *budget,
     )
     return process, log, folder
 

@@ -45,7 +45,7 @@ def test_epsilon_matches_a_directly_driven_opacus_accountant():
 def test_planned_noise_ends_just_within_target(accountant, records, batch, epochs, rounds, target):
     plan = plan_noise(
         records=records, batch_size=batch, local_epochs=epochs, rounds=rounds,
-        target_epsilon=target, delta=1e-5, accountant=accountant,
+        grant=target, budget=target, delta=1e-5, accountant=accountant,
     )
     spent = epsilon(plan.history(rounds), 1e-5, accountant)
     assert spent <= target
@@ -55,14 +55,35 @@ def test_planned_noise_ends_just_within_target(accountant, records, batch, epoch
 
 def test_plan_after_earlier_spending_fits_the_rest_of_the_budget():
     earlier = [(1.0, 0.1, 50)]
+    spent = epsilon(earlier, 1e-5, "rdp")
     plan = plan_noise(
         records=1000, batch_size=100, local_epochs=1, rounds=4,
-        target_epsilon=6.0, delta=1e-5, accountant="rdp", spent=earlier,
+        grant=6.0 - spent, budget=6.0, delta=1e-5, accountant="rdp", spent=earlier,
     )
     total = epsilon(earlier + plan.history(4), 1e-5, "rdp")
     assert 0.97 * 6.0 <= total <= 6.0
+    assert epsilon(plan.history(4), 1e-5, "rdp") <= 6.0 - spent
     with pytest.raises(ValueError, match="already spent"):
         plan_noise(
             records=1000, batch_size=100, local_epochs=1, rounds=4,
-            target_epsilon=0.5, delta=1e-5, accountant="rdp", spent=earlier,
+            grant=1.0, budget=0.5, delta=1e-5, accountant="rdp", spent=earlier,
         )
+
+
+def test_the_grant_bounds_the_job_on_its_own_as_well_as_the_total():
+    """Regression: a resubmitted job reported 'epsilon this job' 8.07 against a request of 8, since only
+    the data set's total was planned for."""
+    earlier = [(0.7, 0.2, 30)]
+    spent = epsilon(earlier, 1e-5, "prv")
+    budget = spent + 8.0  # the budget's remainder is exactly the request
+    plan = plan_noise(records=2000, batch_size=400, local_epochs=1, rounds=5, grant=8.0, budget=budget,
+                      delta=1e-5, accountant="prv", spent=earlier)
+    assert epsilon(plan.history(5), 1e-5, "prv") <= 8.0
+    assert epsilon(earlier + plan.history(5), 1e-5, "prv") <= budget
+
+
+def test_a_history_is_never_read_under_another_mechanism():
+    from common.accounting import accountant_state, restore_accountant
+
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        restore_accountant(accountant_state([(1.0, 0.1, 10)], "rdp"), "prv")

@@ -22,8 +22,9 @@ from client import cli as client_cli
 from client.approval import ApprovalError
 from client.gate import Gate
 from common.config import REPO_ROOT
+from common.messages import Reason, Refusal
 
-from deployment_support import approve, cli, tail, write_job
+from deployment_support import TEST_BUDGET, approve, cli, tail, write_job
 
 HASH = "ab" * 32
 
@@ -64,9 +65,10 @@ def test_unreadable_list_is_an_error_naming_the_file(content, tmp_path):
 
 
 def test_refusal_names_the_institution_and_the_hash_to_approve():
-    reason = approval.refusal("st-mary", HASH)
-    assert reason.startswith(f"st-mary refused app bundle sha256:{HASH}: not approved")
-    assert f"fedtune-client approve {HASH}" in reason
+    refusal = Refusal.decode(approval.refusal("st-mary", HASH))  # a typed record, not free text
+    assert refusal == Refusal("st-mary", Reason.BUNDLE_NOT_APPROVED, HASH)
+    assert refusal.sentence.startswith("st-mary refused: its operator has not approved this app bundle")
+    assert f"fedtune-client approve {HASH}" in refusal.sentence
 
 
 def test_gate_runs_only_listed_bundles_and_fails_closed(tmp_path):
@@ -136,7 +138,7 @@ def test_unapproved_bundle_is_refused_before_any_clientapp_starts(coordinator, f
     finally:
         for state in states.values():
             approve(bundle, state, env)
-    reason = f"refused app bundle sha256:{bundle}: not approved by the institution's operator"
+    reason = f"refused: its operator has not approved this app bundle (sha256:{bundle}; `fedtune-client approve {bundle}`)"
     assert result.returncode == 1, result.stdout[-2000:]
     assert f"app bundle sha256:{bundle}" in result.stdout  # what submit said it ships
     assert "ended finished:failed" in result.stdout and reason in result.stdout
@@ -169,7 +171,7 @@ def test_approved_bundle_runs_and_the_node_checks_the_hash_printed_before_submis
 def test_development_escape_hatch_warns_on_every_start(coordinator, data_files, env, tmp_path):
     """Both starts stop at the plaintext probe of the TLS coordinator, after saying what they will run."""
     common = ("client", "start", "--superlink", coordinator.fleet, "--insecure", "--data", data_files["alpha"],
-              "--name", "dev", "--state-dir", tmp_path / "state")
+              "--name", "dev", "--state-dir", tmp_path / "state", *TEST_BUDGET)
     result = cli(*common, "--allow-any-bundle", env=env)
     assert result.returncode == 1 and "WARNING: --allow-any-bundle: this node runs whatever code" in result.stderr
     result = cli(*common, env=env)

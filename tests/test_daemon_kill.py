@@ -193,8 +193,7 @@ def run_job(index: int, coordinator, nodes: dict[str, Node], kills: list[Kill], 
     changes = {"secure_aggregation": {"enabled": False}} if kills else {}
     job_file = write_job(folder / f"job{index}.toml", slice_files[1], labels,
                          federation={"rounds": 1, "round_timeout": KILLED_ROUND_TIMEOUT if kills else ROUND_TIMEOUT},
-                         # No --budget-epsilon on these nodes: each job's target is the data set's budget,
-                         # so each job asks for one epsilon more than the last.
+                         # Each job asks for one epsilon more than the last, within the nodes' budgets.
                          privacy={"target_epsilon": float(index)},
                          training={"local_epochs": LOCAL_EPOCHS}, **changes)
     out = folder / f"run{index}"

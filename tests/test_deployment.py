@@ -8,6 +8,7 @@ positive checks and the negative ones fail before any training.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from server import pki
 
 from deployment_support import (
     STOP_GRACE,
+    TEST_BUDGET,
     Coordinator,
     cli,
     free_port,
@@ -70,6 +72,30 @@ def test_global_model_changed(finished_job, slice_labels):
     initial = build_model(config, slice_labels, torch.device("cpu"), seed=metrics["config"]["federation"]["seed"])
     final = load_file(out / "model" / "head.safetensors")
     assert not torch.allclose(initial.head.weight.detach(), final["weight"])
+
+
+def test_submit_prints_each_log_line_once_and_the_console_reads_the_run(coordinator, finished_job):
+    """Opacus' root log handler used to print every ServerApp line twice; the console reads what
+    the coordinator wrote (runs.json, the run folder's live.json and metrics.json, `flwr ls`)."""
+    import re
+
+    from server.console import CoordinatorJobs
+
+    out, result, _ = finished_job
+    assert result.stdout.count("[ROUND 1]") == 1, result.stdout[-3000:]
+    assert not re.search(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(INFO|DEBUG):", result.stdout, re.M)
+    run_id = result.stdout.split("submitted run ")[1].split(":")[0]
+    live = json.loads((out / "live.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["accuracy"] for r in live["rounds"]] == [r["accuracy"] for r in metrics["rounds"]]
+    jobs = CoordinatorJobs(coordinator.state)
+    jobs.poll_flower()
+    snapshot = jobs.snapshot()
+    [job] = [job for job in snapshot["jobs"] if job["id"] == run_id]
+    assert job["status"] == "finished" and job["round"] == 2 and job["final"]
+    assert {i["name"]: i["dataset_epsilon"] for i in job["institutions"]} == {
+        i["name"]: i["dataset_epsilon"] for i in metrics["institutions"]}
+    assert {(n["name"], n["status"]) for n in snapshot["nodes"]} >= {("alpha", "online"), ("beta", "online")}
 
 
 def test_status_and_export(coordinator, finished_job, tmp_path):
@@ -148,7 +174,7 @@ def test_fleet_port_speaks_only_tls_with_http2(coordinator, federation, data_fil
     # And fedtune's own plaintext client says why it cannot connect.
     process, log = processes.start("plain", "client", "start", "--superlink", coordinator.fleet, "--insecure",
                                    "--data", data_files["alpha"], "--name", "plain",
-                                   "--state-dir", processes.folder / "plain", "--port", free_port())
+                                   "--state-dir", processes.folder / "plain", "--port", free_port(), *TEST_BUDGET)
     assert wait_for_exit(process, log, 60) == 1
     text = log.read_text()
     assert "WARNING: --insecure" in text and "requires TLS: drop --insecure" in text
@@ -243,3 +269,29 @@ def test_institution_checks_its_file_against_the_job_without_a_coordinator(data_
     foreign.write_text(f"text,category\nhi,{slice_labels[0]}\nhello,not_a_job_label\n")
     result = cli("client", "check", foreign, "--job", job, env=env)
     assert result.returncode == 2 and f"{foreign}: record 2: label 'not_a_job_label'" in result.stderr
+
+
+def test_a_probing_job_leaves_no_record_value_or_path_on_the_coordinator(coordinator, federation, data_files,
+                                                                          banking_slice, slice_labels, tmp_path):
+    """Regression: a job naming one label once left the first value of the institution's label
+    column, its file's path and its column list in the SuperLink's database, via the error text."""
+    probed = slice_labels[0]
+    with banking_slice[1].open(encoding="utf-8", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["category"] == probed]
+    test_file = tmp_path / "test.csv"
+    with test_file.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows(rows)
+    job = write_job(tmp_path / "job.toml", test_file, [probed], federation={"rounds": 1})
+    result = coordinator.run("submit", job, "--out", tmp_path / "run", timeout=300)
+    assert result.returncode == 1 and "refused: its data does not match the job's columns or labels" in result.stdout
+    secrets = {str(path) for path in data_files.values()} | {path.name for path in data_files.values()}
+    for path in data_files.values():
+        with path.open(encoding="utf-8", newline="") as handle:
+            for row in csv.DictReader(handle):
+                secrets |= {row["text"]}  # labels: every earlier job of this module named them all
+    seen = result.stdout + result.stderr + json.dumps(coordinator.runs())
+    seen += "".join(path.read_bytes().decode("latin-1") for path in coordinator.state.rglob("*") if path.is_file())
+    leaked = sorted(secret for secret in secrets if len(secret) >= 8 and secret in seen)
+    assert not leaked, leaked[:5]

@@ -16,12 +16,12 @@ from flwr.app.message import make_message
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.round import RoundOver, check_deadline
+from client.round import check_deadline
 from client.watchdog import CLIENTAPP_DIED, SENDING, STUCK_AFTER, ReplyWatch
 from common import messages as m
 from common.config import REPO_ROOT
 from server.report import privacy_report, render_privacy_markdown
-from server.round_log import DECLINED_REASON, InstitutionFailed, RecordingGrid, RoundLog
+from server.round_log import InstitutionFailed, RecordingGrid, RoundLog
 
 
 @pytest.fixture(autouse=True)
@@ -96,14 +96,18 @@ def test_an_institution_whose_clientapp_raised_stops_the_job_with_its_reason():
 def test_an_institution_declines_a_round_whose_deadline_passed_as_a_decline_the_coordinator_reads():
     fresh = train_message(7)
     fresh.metadata.ttl = 45.0
-    check_deadline(fresh, "alpha", 3)
+    check_deadline(fresh, 3)
     late = train_message(7)
     late.metadata.ttl = 45.0
     late.metadata.__dict__["_created_at"] = time.time() - 50
-    with pytest.raises(RoundOver) as declined:
-        check_deadline(late, "alpha", 3)
-    name, why = DECLINED_REASON.search(str(declined.value)).groups()
-    assert name == "alpha" and why.startswith("round 3 declined: its reply deadline passed 5 s ago")
+    with pytest.raises(m.Refused) as declined:
+        check_deadline(late, 3)
+    assert declined.value.reason == m.Reason.DEADLINE_PASSED and "passed 5 s ago" in declined.value.detail
+    reason = m.Refusal("alpha", declined.value.reason).encode()
+    round_log = RoundLog()
+    RecordingGrid(ScriptedGrid(lambda message: Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                                       reply_to=message)), round_log, timeout=45.0).send_and_receive([late])
+    assert round_log.declined == {3: {"alpha": "deadline-passed"}}  # a decline: the job goes on
 
 
 def test_watchdog_says_stuck_only_for_a_reply_whose_clientapp_died_handing_it_over():

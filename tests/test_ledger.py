@@ -8,20 +8,22 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import Budget, PrivacyLedger
-from common.accounting import epsilon
+from client.privacy.budget import set_budget
+from client.privacy.ledger import PrivacyLedger
+from common.accounting import epsilon, steps_that_fit
 
-DATASET = "a" * 64
+DATASET = "bank"
+SHA = "a" * 64
 
 
 def _ledger(tmp_path: Path, budget: float = 8.0, accountant: str = "rdp") -> PrivacyLedger:
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
-    ledger.set_budget(DATASET, Budget(budget, 1e-6, accountant, "bank.csv"))
+    set_budget(ledger, DATASET, tmp_path / "bank.csv", SHA, epsilon_budget=budget, delta=1e-6, accountant=accountant)
     return ledger
 
 
 def _round(ledger: PrivacyLedger, job: str, rnd: int, steps: int = 20, noise: float = 1.2, rate: float = 0.05) -> None:
-    ledger.release(ledger.reserve(DATASET, job, rnd, steps, rate, noise, 1.0))
+    ledger.release(ledger.reserve(DATASET, job, rnd, steps, rate, noise, 1.0, SHA))
 
 
 def test_three_jobs_of_two_rounds_equal_one_history_of_six(tmp_path):
@@ -36,7 +38,7 @@ def test_three_jobs_of_two_rounds_equal_one_history_of_six(tmp_path):
 def test_restart_keeps_what_was_spent_and_pending_entries_do_not_count(tmp_path):
     ledger = _ledger(tmp_path)
     _round(ledger, "job-1", 1)
-    ledger.reserve(DATASET, "job-1", 2, 20, 0.05, 1.2, 1.0)  # trained, never sent
+    ledger.reserve(DATASET, "job-1", 2, 20, 0.05, 1.2, 1.0, SHA)  # trained, never sent
     spent = ledger.spent(DATASET)
     reopened = PrivacyLedger(tmp_path / "ledger.sqlite")
     assert reopened.spent(DATASET) == spent == pytest.approx(epsilon([(1.2, 0.05, 20)], 1e-6, "rdp"))
@@ -47,7 +49,8 @@ def test_a_round_that_would_overspend_is_cut_short_then_declined(tmp_path):
     ledger = _ledger(tmp_path, budget=2.0)
     rounds = []
     for rnd in range(1, 20):
-        steps, after = ledger.steps_that_fit(DATASET, 2.0, 0.05, 50)
+        steps, after, _ = steps_that_fit(ledger.history(DATASET), [], (2.0, 0.05), 50, budget=2.0, grant=2.0,
+                                         delta=1e-6, accountant="rdp")
         rounds.append(steps)
         if steps:
             _round(ledger, "greedy-job", rnd, steps=steps, noise=2.0)
@@ -74,12 +77,14 @@ def test_rdp_is_never_below_independent_tight_accountants(rate, noise, steps):
 
 _CHILD = """
 import random, sys, time
-from client.ledger import Budget, PrivacyLedger
+from client.privacy.budget import set_budget
+from client.privacy.ledger import PrivacyLedger
 ledger = PrivacyLedger(sys.argv[1]); sent = open(sys.argv[2], "a")
-ledger.set_budget("d" * 64, Budget(1e9, 1e-6, "rdp", "x"))
+if ledger.dataset("d") is None:
+    set_budget(ledger, "d", "x.csv", "d" * 64, epsilon_budget=1e9, delta=1e-6, accountant="rdp")
 print("ready", flush=True)
 while True:
-    entry = ledger.reserve("d" * 64, "job", 1, random.randint(1, 9), 0.01, 1.0, 1.0)
+    entry = ledger.reserve("d", "job", 1, random.randint(1, 9), 0.01, 1.0, 1.0, "d" * 64)
     time.sleep(random.random() * 0.01)          # training
     ledger.release(entry)
     sent.write(f"{entry}\\n"); sent.flush()      # the update leaves
@@ -100,10 +105,10 @@ def test_random_kills_never_lose_a_sent_entry_nor_count_an_unsent_one(tmp_path):
         os.kill(child.pid, signal.SIGKILL)
         child.wait()
     ledger = PrivacyLedger(db)
-    released = {r.id for r in ledger.releases("d" * 64)}
+    released = {r.id for r in ledger.releases("d")}
     sent = {int(line) for line in sent_log.read_text().split()}
     assert sent, "the child never got to send anything"
     assert sent <= released  # nothing that left is missing from the ledger
     assert len(released - sent) <= kills  # at most the one in flight at each kill, counted on the safe side
-    statuses = {r.status for r in ledger.releases("d" * 64, include_pending=True)}
+    statuses = {r.status for r in ledger.releases("d", include_pending=True)}
     assert statuses <= {"released", "pending"}

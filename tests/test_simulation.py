@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from client.ledger import LEDGER_FILE, PrivacyLedger
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from common.data import read_records
 from common.model import load_saved_model, load_tokenizer
 from simulations.cli import main
@@ -53,7 +53,7 @@ def test_privacy_report_names_accountant_delta_and_every_institution(finished_ru
     assert [i["name"] for i in report["institutions"]] == ["institution-1", "institution-2"]
     for inst in report["institutions"]:
         assert inst["accountant"] == "prv" and inst["delta"] == 1e-5
-        assert inst["epsilon"] == inst["dataset_epsilon"] <= inst["budget_epsilon"] == 8.0
+        assert inst["epsilon"] == inst["dataset_epsilon"] <= inst["granted_epsilon"] == inst["budget_epsilon"] == 8.0
     assert "PRV (Opacus PRVAccountant)" in (out / "privacy.md").read_text()
 
 
@@ -61,7 +61,7 @@ def test_ledgers_hold_what_the_report_says(finished_run):
     out, metrics = finished_run
     for inst in metrics["institutions"]:
         ledger = PrivacyLedger(out / "institutions" / inst["name"] / LEDGER_FILE)
-        (dataset,) = ledger.datasets()
+        (dataset,) = [d.id for d in ledger.datasets()]
         assert ledger.spent(dataset) == pytest.approx(inst["dataset_epsilon"], rel=1e-6)
         assert [r.round for r in ledger.releases(dataset)] == [1, 2]
 
@@ -96,14 +96,14 @@ def test_a_second_job_on_a_spent_budget_is_declined(finished_run, banking_slice,
     assert [(i["name"], i["rounds"], i["declined_rounds"], i["epsilon"]) for i in metrics["institutions"]] == [
         ("institution-1", 0, [1, 2], 0.0), ("institution-2", 0, [1, 2], 0.0)
     ]
-    assert "| institution-1 | - | 0.0000 | - / - |" in (tmp_path / "again" / "privacy.md").read_text()
+    assert "| institution-1 | - | 8 / - | 0.0000 | - / - |" in (tmp_path / "again" / "privacy.md").read_text()
     for rnd in metrics["rounds"][1:]:
         assert sorted(rnd["declined"]) == ["institution-1", "institution-2"]
-        assert "declined" in next(iter(rnd["declined"].values()))
+        assert set(rnd["declined"].values()) == {"budget-spent"}  # a reason code, never free text
     assert metrics["rounds"][-1]["accuracy"] == metrics["rounds"][0]["accuracy"]  # the model did not move
     for inst in first["institutions"]:
         ledger = PrivacyLedger(out / "institutions" / inst["name"] / LEDGER_FILE)
-        assert ledger.spent(ledger.datasets()[0]) <= 8.0
+        assert ledger.spent(ledger.datasets()[0].id) <= 8.0
 
 
 def test_global_model_learned(finished_run):

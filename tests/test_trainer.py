@@ -1,7 +1,7 @@
 import torch
 
 from client.trainer import train_dp
-from common.accounting import epsilon, plan_noise
+from common.accounting import accountant_state, epsilon, plan_noise, restore_accountant
 from common.data import read_records
 from common.model import UpperStack, build_model, encode, trainable_state
 
@@ -13,7 +13,7 @@ def _setup(model_config, slice_labels, banking_slice):
     labels = torch.tensor(records.label_ids(slice_labels))
     plan = plan_noise(
         records=len(records), batch_size=64, local_epochs=1.0, rounds=3,
-        target_epsilon=8.0, delta=1e-5, accountant="prv",
+        grant=8.0, budget=8.0, delta=1e-5, accountant="prv",
     )
     return model, features, labels, plan
 
@@ -21,7 +21,8 @@ def _setup(model_config, slice_labels, banking_slice):
 def _train(model, model_config, features, labels, plan, history):
     return train_dp(
         UpperStack(model, model_config), features, labels, plan, steps=plan.steps_per_round,
-        max_grad_norm=1.0, learning_rate=0.05, adapter_learning_rate=0.01, accountant="prv", history=history,
+        max_grad_norm=1.0, learning_rate=0.05, adapter_learning_rate=0.01,
+        accountant=restore_accountant(accountant_state(history, "prv"), "prv"),
     )
 
 

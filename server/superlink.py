@@ -1,0 +1,131 @@
+"""The coordinator's SuperLink: Flower's `flower-superlink`, with its local doors closed.
+
+`fedtune-server start` runs `python -m server.superlink --control-token-file FILE -- ARGS`, where
+ARGS are `flower-superlink`'s own flags (server/coordinator.py, `superlink_command`). Flower
+parses them and builds the SuperLink exactly as `flower-superlink` does; three things change on
+the way, through the slots Flower itself provides, without touching Flower's files:
+
+- Control API (admit institutions, submit jobs whose ServerApp runs as this user). Flower 1.39's
+  open-source SuperLink lets every caller in: its account plugin is a no-op, and a real one
+  (OIDC) ships only in Flower's enterprise edition. fedtune puts `TokenAuthn` in that plugin's
+  place: a Control request needs `Authorization: Bearer TOKEN`, with the token from a 0600 file
+  in the 0700 state folder. The `flwr` CLI sends it from its own credential store
+  (FLWR_HOME/credentials.yaml, written 0600 by `Coordinator.write_connection`), as it would send
+  an OIDC access token.
+- Runtime API (ServerApp <-> SuperLink). With `--isolation process` and
+  `--superexec-auth-secret-file`, only a SuperExec holding the secret may claim a run. In its
+  default isolation Flower starts its own SuperExec and ignores the secret, so this SuperLink
+  starts fedtune's (common/superexec.py), which also keeps task tokens off command lines.
+- TLS 1.3 only on that port: uvicorn's default context, which `flower-superlink` uses, accepts 1.2.
+  (The Fleet port is Flower's gRPC server, whose TLS versions Python cannot set: docs/operators.md.)
+
+Private parts of flwr 1.39 are used here (its argument parser and lifespan class), as
+simulations/engine.py does; the pin in pyproject.toml keeps them where they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import uvicorn
+from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+from flwr.supercore.auth.typing import AccountAuthCredentials, AccountAuthLoginDetails, AccountInfo
+from flwr.supercore.http_logging import get_uvicorn_log_config
+from flwr.supercore.logger import console_handler
+from flwr.superlink.auth_plugin import ControlAuthnPlugin
+from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _parse_superlink_lifespan_config
+
+from common.superexec import TOKEN_DIR
+
+
+class TokenAuthn(ControlAuthnPlugin):
+    """A Control API request gets in only with the operator's token (Flower's no-op plugin lets anyone in)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def get_login_details(self) -> AccountAuthLoginDetails | None:
+        return None  # nothing to log in to: the token is in files only the operator's user can read
+
+    def validate_tokens_in_metadata(self, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[bool, AccountInfo | None]:
+        given = [value for key, value in metadata if key == ACCESS_TOKEN_KEY]
+        if len(given) == 1:
+            value = given[0].encode() if isinstance(given[0], str) else given[0]
+            if hmac.compare_digest(value, self._token):
+                # The account Flower's no-op plugin reports, so runs and federations stay whose they were.
+                return True, AccountInfo(flwr_aid=NOOP_FLWR_AID, account_name=NOOP_ACCOUNT_NAME)
+        return False, None
+
+    def get_auth_tokens(self, device_code: str) -> AccountAuthCredentials | None:
+        return None
+
+    def refresh_tokens(self, metadata: Sequence[tuple[str, str | bytes]]) -> tuple[None, None]:
+        return None, None  # a wrong token stays wrong: the operator's files hold the right one
+
+
+def tls13_only(_config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    """uvicorn's own TLS context for the certificate, raised to TLS 1.3 as the minimum."""
+    context = default()
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+class Lifespan(SuperLinkLifespan):
+    """Flower's SuperLink lifespan, starting fedtune's SuperExec instead of Flower's."""
+
+    secret_file: Path
+
+    def _start_superexec_if_needed(self) -> None:
+        config = self.config
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        command = [sys.executable, "-m", "common.superexec", "--runtime-api-address", f"{host}:{config.port}",
+                   "--superexec-auth-secret-file", str(self.secret_file),
+                   "--token-dir", str(self.secret_file.parent / TOKEN_DIR), "--parent-pid", str(os.getpid())]
+        if config.ssl_ca_certfile is not None:
+            command += ["--root-certificates", config.ssl_ca_certfile]
+        self.superexec_process = subprocess.Popen(command)  # pylint: disable=consider-using-with
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ours, separator, theirs = argv, [], []
+    if "--" in argv:
+        at = argv.index("--")
+        ours, separator, theirs = argv[:at], argv[at:at + 1], argv[at + 1:]
+    parser = argparse.ArgumentParser(prog="python -m server.superlink", allow_abbrev=False,
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--control-token-file", type=Path, required=True, metavar="FILE",
+                        help="file holding the Control API token (0600)")
+    args = parser.parse_args(ours)
+    if not separator:
+        parser.error("give flower-superlink's flags after --")
+    secret = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    secret.add_argument("--superexec-auth-secret-file", type=Path, required=True)
+    secret.add_argument("--isolation", choices=["process"], required=True)
+    Lifespan.secret_file = secret.parse_known_args(theirs)[0].superexec_auth_secret_file.resolve()
+
+    sys.argv = ["flower-superlink", *theirs]  # Flower's parser reads sys.argv
+    config = _parse_superlink_lifespan_config()
+    config.authn_plugin = TokenAuthn(args.control_token_file.read_text(encoding="utf-8").strip())
+    from flwr.superlink.main import create_app  # pylint: disable=import-outside-toplevel
+
+    app = create_app(config, Lifespan)
+    tls = config.ssl_certfile is not None
+    uvicorn.run(  # as flower-superlink runs it (its _run_superlink_http_api), TLS 1.3 only
+        app=app, host=config.host, port=config.port, reload=False, access_log=True,
+        log_config=get_uvicorn_log_config(console_handler.level), workers=1,
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+        ssl_context_factory=tls13_only if tls else None,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
