@@ -55,7 +55,7 @@ def main() -> None:
     for releases in (0, 20):
         with tempfile.TemporaryDirectory() as tmp:
             ledger = PrivacyLedger(Path(tmp) / LEDGER_FILE)
-            set_budget(ledger, "bank", Path(tmp) / "bank.csv", "0" * 64, epsilon_budget=1e6, delta=1e-5,
+            set_budget(ledger, "bank", Path(tmp) / "bank.csv", "0" * 64, epsilon_budget=100.0, delta=1e-5,
                        accountant="prv")
             for index in range(releases):
                 ledger.release(ledger.reserve("bank", f"old-{index % 5}", index, 3, 1 / 3, 1.8, 1.0, "0" * 64))

@@ -106,8 +106,8 @@ def plan_noise(
         accountant=accountant,
         epsilon_tolerance=0.01 * grant,
     )
-    if spent:
-        noise = max(noise, _noise_after(spent, rate, steps * rounds, budget, delta, accountant))
+    if spent and epsilon([*spent, (noise, rate, steps * rounds)], delta, accountant) > budget:
+        noise = _noise_after(spent, rate, steps * rounds, budget, delta, accountant)  # the budget binds: more noise
     return NoisePlan(float(noise), rate, batch_size, steps, rounds)
 
 

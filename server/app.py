@@ -40,10 +40,10 @@ from common.model import (
 )
 from server.report import build_metrics, write_json_atomic, write_report
 from server.round_log import RecordingGrid, RoundLog
+from server.run_folder import LIVE_FILE
 from server.strategy import ClippedUpdatesOnly, make_strategy, make_workflow
 
 app = ServerApp()
-LIVE_FILE = "live.json"  # metrics.json's shape, rewritten after every round while the job runs
 
 
 def run_folder(context: Context) -> Path:

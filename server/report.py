@@ -15,6 +15,7 @@ from common import messages as m  # noqa: E402
 from common.config import JobConfig  # noqa: E402
 from common.accounting import institution_epsilon  # noqa: E402
 from server.round_log import RoundLog  # noqa: E402
+from server.run_folder import METRICS_FILE, PRIVACY_FILE  # noqa: E402
 from server.update_checks import AGGREGATE, SENTENCES  # noqa: E402
 
 ACCOUNTANT_NAMES = {"rdp": "Rényi DP (Opacus RDPAccountant)", "prv": "PRV (Opacus PRVAccountant)"}
@@ -110,12 +111,12 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def write_report(folder: Path, metrics: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "metrics.json", metrics)
+    write_json_atomic(folder / METRICS_FILE, metrics)
     _plot_accuracy(folder / "accuracy.png", metrics)
     _plot_epsilon(folder / "epsilon.png", metrics)
     (folder / "report.md").write_text(render_markdown(metrics), encoding="utf-8")
     privacy = privacy_report(metrics)
-    write_json_atomic(folder / "privacy.json", privacy)
+    write_json_atomic(folder / PRIVACY_FILE, privacy)
     (folder / "privacy.md").write_text(render_privacy_markdown(privacy), encoding="utf-8")
 
 

@@ -176,3 +176,20 @@ def test_development_escape_hatch_warns_on_every_start(coordinator, data_files, 
     assert result.returncode == 1 and "WARNING: --allow-any-bundle: this node runs whatever code" in result.stderr
     result = cli(*common, env=env)
     assert "--allow-any-bundle" not in result.stderr and "no app bundle approved yet" in result.stdout
+
+
+def test_the_bundle_holds_every_fedtune_module_the_apps_import():
+    """Regression: client/privacy/ was left out of the bundle (`fab-include` globs one folder deep), so
+    deployed ClientApps ran that code from the node's own install of fedtune instead of the approved bundle."""
+    import io
+    import subprocess
+    import sys
+    import zipfile
+
+    code = ("import sys, client.app, client.round, server.app; "
+            "print('\\n'.join(sorted(m.__file__ for n, m in sys.modules.items() "
+            "if n.split('.')[0] in ('common', 'client', 'server') and getattr(m, '__file__', None))))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    needed = {str(Path(path).relative_to(REPO_ROOT)) for path in loaded.stdout.split()}
+    bundled = set(zipfile.ZipFile(io.BytesIO(build_fab_from_disk(REPO_ROOT))).namelist())
+    assert needed and needed <= bundled, sorted(needed - bundled)

@@ -18,10 +18,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
-LIVE_FILE = "live.json"
-METRICS_FILE = "metrics.json"
-PRIVACY_FILE = "privacy.json"
-PROGRESS_FILE = "progress.jsonl"
+from server.run_folder import LIVE_FILE, METRICS_FILE, PRIVACY_FILE, PROGRESS_FILE
 
 # Flower's run statuses, as the console names them.
 RUNNING, FINISHED, FAILED, INTERRUPTED, PENDING, UNKNOWN = (
