@@ -135,8 +135,8 @@ class RecordingGrid(Grid):
         self.round_log.count(server_round, node, up=content_bytes(reply.content))
         if m.FIT_METRICS in reply.content.config_records:  # the reply that carries the update
             metrics = dict(reply.content.config_records[m.FIT_METRICS])
-            name = str(metrics[m.INSTITUTION])
-            self.round_log.node_names[node] = name
+            # An admitted institution is reported under its admitted name, whatever its reply calls it.
+            name = self.round_log.node_names.setdefault(node, str(metrics[m.INSTITUTION]))
             self.round_log.replies.setdefault(server_round, {})[name] = metrics
 
     # Everything else goes straight to Flower's Grid.

@@ -160,3 +160,14 @@ def test_a_dropout_is_named_in_the_privacy_report_with_what_its_ledger_counts():
     assert report["dropped"] == {"1": {"alpha": "its reply was lost in transit"}}
     assert ("- Round 1: alpha dropped out (its reply was lost in transit); its ledger counts whatever it released "
             "for the round, aggregated or not.") in render_privacy_markdown(report)
+
+
+def test_an_admitted_institution_cannot_report_under_another_name():
+    """A reply's own name for its sender is only a fallback: reports name admitted nodes as admitted."""
+    def answer(message: Message) -> Message:
+        metrics = ConfigRecord({m.INSTITUTION: "st-john"})  # node 7 is st-mary, claiming to be st-john
+        return Message(RecordDict({m.FIT_METRICS: metrics}), reply_to=message)
+
+    round_log = RoundLog(node_names={7: "st-mary"})
+    RecordingGrid(ScriptedGrid(answer), round_log, timeout=45.0).send_and_receive([train_message(7)])
+    assert set(round_log.replies[3]) == {"st-mary"}
