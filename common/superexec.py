@@ -97,10 +97,13 @@ class TokenFileExecutor(SubprocessExecutor):
             args += ["--parent-pid", str(spec.parent_pid)]
         if spec.runtime_dependency_install:
             args.append("--allow-runtime-dependency-installation")
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if spec.suppress_output else {}
-        process = subprocess.Popen(args, **quiet)  # pylint: disable=consider-using-with
-        self.tokens[process.pid] = Path(token_file)
+        self.tokens[self.start(args, spec.suppress_output)] = Path(token_file)
         return LaunchResult.accepted()
+
+    def start(self, args: list[str], quiet: bool) -> int:
+        """Start the app process `args` describe; its pid."""
+        streams = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if quiet else {}
+        return subprocess.Popen(args, **streams).pid  # pylint: disable=consider-using-with
 
     def sweep(self) -> None:
         """Delete the token files of app processes that have ended. Reaps nothing (WNOWAIT): the

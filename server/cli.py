@@ -12,10 +12,12 @@ import argparse
 import json
 import signal
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import get_args
 
-from common.config import ConfigError
+from common.config import ConfigError, Pace
 from common.data import DataError
 from common.messages import describe_error
 from common.processes import (
@@ -31,6 +33,7 @@ from common.processes import (
     split_address,
 )
 from server import pki
+from server.fleet_events import GRPC_LOG_ENV
 from server.coordinator import (
     COMPLETED,
     Coordinator,
@@ -95,30 +98,66 @@ def cmd_start(args: argparse.Namespace) -> int:
             say(f"warning: {tls.cert} expires on {expires:%Y-%m-%d}; issue a new one soon")
     fleet_host, fleet_port = split_address(args.fleet_address)
     control = coordinator.write_connection(args.host, args.port, tls.ca if tls else None)
-    process = FlowerProcess(
-        superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
-        coordinator.env(),
-        cwd=coordinator.state,
-        name="flower-superlink",
-    )
     stopping: list[int] = []
+    current: list[FlowerProcess] = []
 
     def stop(signum: int) -> None:
         stopping.append(signum)
-        process.signal_group(signal.SIGTERM)
+        if current:
+            current[-1].signal_group(signal.SIGTERM)
 
-    try:
-        with on_stop_signals(stop):
-            process.wait_for_port(dial_host(args.host), args.port, timeout=60)
-            process.wait_for_port(dial_host(fleet_host), fleet_port, timeout=60)
-            say(f"ready: institutions connect to {args.fleet_address}; control API at {control}; state in {coordinator.state}")
-            code = process.wait()
-    finally:
-        process.stop()
-    if stopping:
-        say("stopped")
-        return 0
-    raise ProcessError(f"flower-superlink exited with code {code}")
+    crashes: list[float] = []
+    with on_stop_signals(stop):
+        # Supervised: a SuperLink that dies is started again on the same state database, and the jobs its
+        # ServerApps ran are resumed from their last checkpoints (unless --no-resume).
+        while not stopping:
+            process = FlowerProcess(
+                superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
+                dict(coordinator.env(), **GRPC_LOG_ENV), cwd=coordinator.state, name="flower-superlink",
+            )
+            current.append(process)
+            try:
+                process.wait_for_port(dial_host(args.host), args.port, timeout=60)
+                process.wait_for_port(dial_host(fleet_host), fleet_port, timeout=60)
+                say(f"ready: institutions connect to {args.fleet_address}; control API at {control}; "
+                    f"state in {coordinator.state}")
+                _recover_jobs(coordinator, resume=not args.no_resume)
+                code = process.wait()
+            except ProcessError as exc:
+                if stopping:
+                    break
+                code = str(exc)
+            finally:
+                process.stop()
+            if stopping:
+                break
+            crashes = [at for at in crashes if time.monotonic() - at < RESTART_WINDOW] + [time.monotonic()]
+            if len(crashes) > MAX_RESTARTS:
+                raise ProcessError(f"flower-superlink exited ({code}) {len(crashes)} times within "
+                                   f"{RESTART_WINDOW} s; not restarting it again")
+            delay = min(2 ** (len(crashes) - 1), 30)
+            say(f"flower-superlink exited ({code}); restarting it in {delay} s on {coordinator.state / 'superlink.db'}")
+            time.sleep(delay)
+    say("stopped")
+    return 0
+
+
+MAX_RESTARTS = 5  # SuperLink restarts tolerated within RESTART_WINDOW seconds
+RESTART_WINDOW = 300
+
+
+def _recover_jobs(coordinator: Coordinator, resume: bool) -> None:
+    """After a (re)start: the jobs whose ServerApp died with the SuperLink are interrupted; resume each."""
+    for run_id in coordinator.interrupted_by_restart():
+        if not resume:
+            say(f"run {run_id} was interrupted; resume it with `fedtune-server resume {run_id}`")
+            continue
+        try:
+            new = coordinator.resume(run_id)
+        except CoordinatorError as exc:
+            say(f"run {run_id} was interrupted and could not be resumed: {exc}")
+            continue
+        say(f"run {run_id} was interrupted; resumed as run {new} from its last checkpoint")
 
 
 def cmd_admit(args: argparse.Namespace) -> int:
@@ -158,6 +197,8 @@ def _failure(run: dict) -> str:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     job = validate_job(args.job)
+    if args.pace:
+        job.federation.pace = args.pace
     out = outside_app_folder(args.out, "run folder")
     if out.exists() and any(out.iterdir()):
         raise CoordinatorError(f"{out}: not empty; give each run a new folder")
@@ -222,23 +263,45 @@ def _follow(coordinator: Coordinator, run_id: str, out: Path | None, quiet: bool
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    runs = Coordinator(args.state_dir).runs(args.run_id)
+    coordinator = Coordinator(args.state_dir)
+    runs = coordinator.runs(args.run_id)
     if not runs:
         say("no runs yet")
         return 0
-    print(f"{'RUN ID':<22} {'STATUS':<20} {'ELAPSED':>8}  {'BUNDLE':<12}  RUN FOLDER")
+    flower = {str(run["run-id"]): run for run in runs}
+    print(f"{'RUN ID':<22} {'STATUS':<20} {'JOB':<18} {'STATE':<18} {'CHECKPOINT':>10} {'ELAPSED':>8}  "
+          f"{'BUNDLE':<12}  RUN FOLDER")
     for run in runs:
-        print(f"{run['run-id']:<22} {run['status']:<20} {run['elapsed']:>7.0f}s  {run['fab-hash'][:12]:<12}  "
-              f"{run['out'] or '-'}")
+        job = coordinator.job_state(str(run["run-id"]), flower)
+        saved = f"{job['last_round']}/{job['rounds']}" if job["rounds"] else "-"
+        state = job["state"] + (f" as {job['resumed_by']}" if job["resumed_by"] else "")
+        print(f"{run['run-id']:<22} {run['status']:<20} {job['job_id'] or '-':<18} {state:<18} {saved:>10} "
+              f"{run['elapsed']:>7.0f}s  {run['fab-hash'][:12]:<12}  {run['out'] or '-'}")
     for run in runs:
         if details := _failure(run):
             print(f"run {run['run-id']} {run['status']}: {details}")
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    coordinator = Coordinator(args.state_dir)
+    run_id = coordinator.resume(args.run_id)
+    state = coordinator.job_state(run_id)
+    out = Path(coordinator.runs(run_id)[0]["out"])
+    say(f"resumed job {state['job_id']} of run {args.run_id} as run {run_id}, from the checkpoint of round "
+        f"{coordinator.job_state(args.run_id)['last_round']} -> {out}")
+    if args.detach:
+        return 0
+    return _follow(coordinator, run_id, out, args.quiet)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     to = Coordinator(args.state_dir).export(args.run_id, args.to)
     say(f"copied run {args.run_id} to {to}")
+    if args.merge:
+        from common.models.export import merge_model  # loads the base model: only when asked
+
+        say(f"merged model: {merge_model(Path(to) / 'model')}")
     return 0
 
 
@@ -278,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--port", type=int, default=9093, help="port of the control API (default 9093)")
     start.add_argument("--fleet-address", default="127.0.0.1:9092", type=address_arg, metavar="HOST:PORT",
                        help="HOST:PORT institutions connect to (default 127.0.0.1:9092; 0.0.0.0:9092 for all interfaces)")
+    start.add_argument("--no-resume", action="store_true",
+                       help="after a restart, leave interrupted jobs for `fedtune-server resume` instead of resuming them")
     start.add_argument("--insecure", action="store_true",
                        help="run without TLS and without institution authentication (local trials only)")
     start.set_defaults(run=cmd_start)
@@ -303,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--out", type=Path, required=True, metavar="DIR", help="new run folder on this machine")
     submit.add_argument("--detach", action="store_true", help="return once the run is submitted")
     submit.add_argument("--quiet", action="store_true", help="do not stream the coordinator's log")
+    submit.add_argument("--pace", choices=get_args(Pace),
+                        help="how the coordinator waits for replies (default: the job's federation.pace)")
     submit.set_defaults(run=cmd_submit)
 
     follow = commands.add_parser("follow", parents=[state], help="stream a run's log until it ends (e.g. after --detach)")
@@ -319,9 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_id", nargs="?", metavar="RUN_ID", help="one run (default: all)")
     status.set_defaults(run=cmd_status)
 
+    resume = commands.add_parser("resume", parents=[state],
+                                 help="continue an interrupted job from its last checkpoint, as the same job")
+    resume.add_argument("run_id", metavar="RUN_ID", help="the interrupted run")
+    resume.add_argument("--detach", action="store_true", help="return once the job is resubmitted")
+    resume.add_argument("--quiet", action="store_true", help="do not stream the coordinator's log")
+    resume.set_defaults(run=cmd_resume)
+
     export = commands.add_parser("export", parents=[state], help="copy a finished run's folder")
     export.add_argument("run_id", metavar="RUN_ID")
     export.add_argument("--to", type=Path, required=True, metavar="DIR", help="new folder to copy the run folder to")
+    export.add_argument("--merge", action="store_true",
+                        help="also write the model with its adapter merged in (DIR/model/merged; loads the base model)")
     export.set_defaults(run=cmd_export)
     return parser
 

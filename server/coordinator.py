@@ -38,14 +38,27 @@ from flwr.cli.constant import ACCESS_TOKEN_STORE_KEY, AUTHN_TYPE_STORE_KEY, REFR
 from flwr.common.constant import AuthnType
 from flwr.supercore.credential_store import FileCredentialStore
 
-from common.config import NAMES_KEY, OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, ConfigError, JobConfig, load_config
-from common.data import read_records
-from common.model_files import model_digest, packaged_model_path
+from common.config import (
+    JOB_ID_KEY,
+    NAMES_KEY,
+    OUT_DIR_KEY,
+    REPO_ROOT,
+    RUN_CONFIG_KEY,
+    ConfigError,
+    JobConfig,
+    load_config,
+    new_job_id,
+)
+from common.data import read_job_records
+from common.model_files import default_model_path, model_digest
 from common.processes import FlowerProcess, dial_host, flower_env, flower_executable, write_private, write_secret
 from common.superexec import SECRET_FILE
+from server.fleet_events import FLEET_EVENTS_FILE
 from server.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+from server.run_folder import JOB_FILE, METRICS_FILE
 
 CONNECTION = "fedtune"
+INSTITUTIONS_FILE = "institutions.json"  # in the state folder: fedtune's names of the admitted node keys
 CONTROL_TOKEN = "control.token"  # in the state folder: what the Control API accepts (server/superlink.py)
 FINISHED = "finished"
 COMPLETED = "finished:completed"
@@ -92,7 +105,9 @@ def bundle_hash(app: Path = REPO_ROOT) -> str:
 def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None) -> list[str]:
     """Flower's `flower-superlink` flags, run through server/superlink.py (Control API token, fedtune's
     SuperExec, TLS 1.3); secrets travel as file paths only."""
-    command = [sys.executable, "-m", "server.superlink", "--control-token-file", str(state / CONTROL_TOKEN), "--"]
+    command = [sys.executable, "-m", "server.superlink", "--control-token-file", str(state / CONTROL_TOKEN),
+               "--fleet-events-file", str(state / FLEET_EVENTS_FILE),
+               "--institutions-file", str(state / INSTITUTIONS_FILE), "--"]
     if tls is None:
         command.append("--insecure")
     else:
@@ -115,9 +130,11 @@ def validate_job(path: Path) -> JobConfig:
     if job.data.test_path is None:
         raise ConfigError(f"{path}: data.test_path: the coordinator needs a held-out file to evaluate on")
     # A test label outside the label set would only fail on the coordinator after the first round.
-    read_records(job.data.test_path, job.data.text_column, job.data.label_column).label_ids(job.data.labels)
+    test = read_job_records(job.data.test_path, job.data)
+    if job.data.labels:
+        test.label_ids(job.data.labels)
     # Institutions load their own pinned model folder and refuse a job whose model digest differs.
-    folder = job.model.path or packaged_model_path()
+    folder = job.model.path or default_model_path(job.model.task)
     try:
         job.model.sha256 = model_digest(folder)
     except FileNotFoundError:
@@ -159,7 +176,7 @@ class Coordinator:
     def __init__(self, state_dir: Path):
         self.state = Path(state_dir).expanduser().resolve()
         self.flwr_home = self.state / "flwr-home"
-        self.institutions_file = self.state / "institutions.json"
+        self.institutions_file = self.state / INSTITUTIONS_FILE
         self.runs_file = self.state / "runs.json"
 
     # -- connection ----------------------------------------------------------------------------
@@ -255,8 +272,9 @@ class Coordinator:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def submit(self, job: JobConfig, out: Path) -> str:
-        """Start the job on the SuperLink; the run id. `out` must be an absolute coordinator path."""
+    def submit(self, job: JobConfig, out: Path, job_id: str | None = None, resumes: str | None = None) -> str:
+        """Start the job on the SuperLink; the run id. `out` must be an absolute coordinator path.
+        `job_id`/`resumes`: continue that job (its run `resumes` was interrupted) from its run folder's checkpoint."""
         needed = job.federation.institutions
         admitted = [node for node in self.institutions() if node["status"] != "unregistered"]
         if len(admitted) < needed:
@@ -264,7 +282,8 @@ class Coordinator:
                 f"the job needs {needed} institutions (federation.institutions) but {len(admitted)} are admitted"
             )
         # A run-config file, not `--run-config "job='...'"`: the JSON may hold quotes of either kind.
-        run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out),
+        job_id = job_id or new_job_id()
+        run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out), JOB_ID_KEY: job_id,
                       NAMES_KEY: json.dumps({node["node_id"]: node["name"] for node in admitted if node["name"] != "-"})}
         fd, config_path = tempfile.mkstemp(suffix=".toml", dir=self.state)
         try:
@@ -275,9 +294,73 @@ class Coordinator:
             os.unlink(config_path)
         run_id = str(answer["run-id"])
         runs = _read_json(self.runs_file)
-        runs[run_id] = {"out": str(out), "submitted": _now(), "institutions": needed, "rounds": job.federation.rounds}
+        runs[run_id] = {"out": str(out), "submitted": _now(), "institutions": needed, "rounds": job.federation.rounds,
+                        "job_id": job_id, "resumes": resumes}
         _write_json(self.runs_file, runs)
         return run_id
+
+    def resume(self, run_id: str) -> str:
+        """Submit again the job of an interrupted run, with its job id and run folder: the ServerApp continues
+        from the folder's last checkpoint and the institutions from the grant and noise plan they keep for the
+        job id. The new run id."""
+        known = _read_json(self.runs_file).get(run_id)
+        if known is None:
+            raise CoordinatorError(f"no run {run_id} in {self.runs_file} (see `fedtune-server status`)")
+        state = self.job_state(run_id)
+        if state["state"] not in ("interrupted",):
+            raise CoordinatorError(f"run {run_id} is {state['state']}; only an interrupted job is resumed")
+        out = Path(known["out"])
+        owner = _read_json(out / JOB_FILE)
+        if owner.get("job_id") != known.get("job_id"):
+            raise CoordinatorError(f"{out}: no record of job {known.get('job_id')} (its {JOB_FILE} is missing or "
+                                   "another job's); nothing to resume")
+        job = JobConfig.model_validate(owner["job"])
+        return self.submit(job, out, job_id=owner["job_id"], resumes=run_id)
+
+    def job_state(self, run_id: str, flower_runs: dict[str, dict] | None = None) -> dict:
+        """A run's job as the operator sees it: running, interrupted (its run ended without finishing the
+        job, or was superseded by a SuperLink restart), resumed (by a later run) or completed, with its
+        last checkpointed round."""
+        from server import checkpoint  # NumPy: only for the commands that read checkpoints
+
+        runs = _read_json(self.runs_file)
+        known = runs.get(run_id, {})
+        status = (flower_runs or {str(row["run-id"]): row for row in self.flwr("ls")["runs"]}).get(
+            run_id, {}).get("status", "unknown")
+        out = Path(known["out"]) if known.get("out") else None
+        try:
+            saved = checkpoint.latest(out) if out is not None else None
+        except checkpoint.CheckpointError:  # every checkpoint torn: nothing to resume from but round 0
+            saved = None
+        last = saved.server_round if saved else 0
+        later = [rid for rid, entry in runs.items() if entry.get("resumes") == run_id]
+        if later:
+            state = "resumed"
+        elif status == COMPLETED and out is not None and (out / METRICS_FILE).is_file():
+            state = "completed"
+        elif status.startswith(FINISHED) or status == "unknown" or known.get("interrupted"):
+            state = "interrupted"
+        else:
+            state = "running (resumed)" if known.get("resumes") else "running"
+        return {"run_id": run_id, "job_id": known.get("job_id"), "state": state, "flower_status": status,
+                "last_round": last, "rounds": known.get("rounds"), "resumed_by": later[0] if later else None}
+
+    def interrupted_by_restart(self) -> list[str]:
+        """After the SuperLink (re)started: the runs whose ServerApp died with the SuperLink before it. Flower still
+        calls them running, so each is stopped in Flower and marked interrupted in runs.json."""
+        runs = _read_json(self.runs_file)
+        flower = {str(row["run-id"]): row for row in self.flwr("ls")["runs"]}
+        lost = [run_id for run_id, entry in runs.items() if not entry.get("interrupted")
+                and not flower.get(run_id, {"status": FINISHED})["status"].startswith(FINISHED)]
+        for run_id in lost:
+            try:
+                self.flwr("stop", run_id)
+            except CoordinatorError:
+                pass  # already ended on Flower's side: it is interrupted all the same
+            runs[run_id]["interrupted"] = _now()
+        if lost:
+            _write_json(self.runs_file, runs)
+        return lost
 
     def runs(self, run_id: str | None = None) -> list[dict]:
         """Flower's record of each run, plus the run folder fedtune gave it."""
@@ -313,6 +396,15 @@ class Coordinator:
             raise CoordinatorError(f"run {run_id} is {run['status']}; export it once it has finished")
         if not run["out"] or not Path(run["out"]).is_dir():
             raise CoordinatorError(f"run {run_id}: no run folder recorded in {self.runs_file}")
+        known = _read_json(self.runs_file).get(run_id, {})
+        if _read_json(Path(run["out"]) / JOB_FILE).get("job_id") != known.get("job_id"):
+            raise CoordinatorError(f"run {run_id}: its run folder {run['out']} holds another job's files")
+        if not (Path(run["out"]) / METRICS_FILE).is_file():
+            state = self.job_state(run_id)
+            raise CoordinatorError(
+                f"run {run_id} ended {run['status']} after round {state['last_round']} with no results to export"
+                + (f"; it was resumed as run {state['resumed_by']}" if state["resumed_by"] else
+                   f"; resume it with `fedtune-server resume {run_id}`"))
         to = Path(to).expanduser().resolve()
         if to.exists():
             raise CoordinatorError(f"{to}: already exists; name a new folder")

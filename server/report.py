@@ -15,6 +15,7 @@ from common import messages as m  # noqa: E402
 from common.config import JobConfig  # noqa: E402
 from common.accounting import institution_epsilon  # noqa: E402
 from server.round_log import RoundLog  # noqa: E402
+from server.strategy import secagg_shares  # noqa: E402
 from server.run_folder import METRICS_FILE, PRIVACY_FILE  # noqa: E402
 from server.update_checks import AGGREGATE, SENTENCES  # noqa: E402
 
@@ -36,6 +37,9 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
                 "bytes_down": sum(down for down, _ in sent),
                 "bytes_up": sum(up for _, up in sent),
                 "epsilon": {name: r[m.EPSILON] for name, r in replies.items()},
+                # who was asked to train (federation.fraction_per_round); those not asked released nothing
+                "asked": sorted(round_log.name_of(node) for node in round_log.node_bytes.get(rnd, {})),
+                "took_part": sorted(replies),
                 "declined": round_log.declined.get(rnd, {}),
                 "dropped": round_log.dropped.get(rnd, {}),
                 "rejected": round_log.rejected.get(rnd, {}),  # institution or "aggregate" -> Rejection code
@@ -44,9 +48,13 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
     institutions_dp = job.institution_dp
     return {
         "rounds": rounds,
+        "lost_rounds": [lost for lost in lost_rounds(round_log, extra.get("sessions", []))
+                        if lost["round"] <= job.federation.rounds],
+        "voided": [voided_round(round_log, rnd) for rnd in extra.get("voided_rounds", [])],
         "institutions": [_institution(job, round_log, name) for name in names],
         "config": json.loads(job.to_json()),
         "secure_aggregation": job.secure_aggregation.enabled,
+        "secure_aggregation_neighbours": secagg_neighbours(job) if job.secure_aggregation.enabled else None,
         "institution_dp": {
             "enabled": institutions_dp.enabled,
             "noise_multiplier": institutions_dp.noise_multiplier,
@@ -59,6 +67,38 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
             "accountant": "rdp",
         } if institutions_dp.enabled else {"enabled": False},
         **extra,
+    }
+
+
+def lost_rounds(round_log: RoundLog, sessions: list[dict]) -> list[dict]:
+    """The rounds a coordinator crash cut short: each resumed session redid the round after its checkpoint.
+
+    What an institution released for a lost round is the rise of the job's step count (its ledger's,
+    reported with its next update) that no aggregated round accounts for; its ledger counts it.
+    """
+    lost = []
+    for after in sorted({int(session["after_round"]) for session in sessions[1:]}):
+        rnd, released = after + 1, {}
+        asked = sorted({name for session in sessions[1:] if int(session["after_round"]) == after
+                        for name in session.get("asked", [])})
+        for name, reply in round_log.replies.get(rnd, {}).items():
+            before = [replies[name] for r, replies in sorted(round_log.replies.items()) if r <= after and name in replies]
+            extra = int(reply[m.TOTAL_STEPS]) - int(reply[m.STEPS]) - (int(before[-1][m.TOTAL_STEPS]) if before else 0)
+            if extra > 0:
+                released[name] = extra
+        crashes = sum(1 for session in sessions[1:] if int(session["after_round"]) == after)
+        lost.append({"round": rnd, "crashes": crashes, "asked": asked, "released_steps": released})
+    return lost
+
+
+def voided_round(round_log: RoundLog, rnd: int) -> dict:
+    """A round whose released updates bought nothing (the global model stayed as it was), with what each
+    institution that released spent on it, as it reported."""
+    return {
+        "round": rnd,
+        "dropped": round_log.dropped.get(rnd, {}),
+        "spent": {name: {"steps": reply[m.STEPS], "epsilon_after": reply[m.EPSILON]}
+                  for name, reply in round_log.replies.get(rnd, {}).items()},
     }
 
 
@@ -111,13 +151,20 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def write_report(folder: Path, metrics: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / METRICS_FILE, metrics)
     _plot_accuracy(folder / "accuracy.png", metrics)
     _plot_epsilon(folder / "epsilon.png", metrics)
     (folder / "report.md").write_text(render_markdown(metrics), encoding="utf-8")
+    write_privacy_report(folder, metrics)
+    write_json_atomic(folder / METRICS_FILE, metrics)  # last: its presence means the job ended
+
+
+def write_privacy_report(folder: Path, metrics: dict) -> None:
+    """privacy.json and privacy.md; also after every round, so that a crash leaves what was spent."""
     privacy = privacy_report(metrics)
     write_json_atomic(folder / PRIVACY_FILE, privacy)
-    (folder / "privacy.md").write_text(render_privacy_markdown(privacy), encoding="utf-8")
+    tmp = folder / "privacy.md.tmp"
+    tmp.write_text(render_privacy_markdown(privacy), encoding="utf-8")
+    os.replace(tmp, folder / "privacy.md")
 
 
 PRIVACY_FIELDS = (
@@ -133,6 +180,7 @@ def privacy_report(metrics: dict) -> dict:
         "guarantee": "record-level (example-level) differential privacy, per institution, (epsilon, delta)",
         "mechanism": "DP-SGD (Opacus): Poisson sampling, per-record gradient clipping, Gaussian noise",
         "secure_aggregation": metrics["secure_aggregation"],
+        "secure_aggregation_neighbours": metrics.get("secure_aggregation_neighbours"),
         "institution_level_dp": metrics["institution_dp"],
         "rounds_planned": metrics["config"]["federation"]["rounds"],
         "record_count_granularity": m.RECORD_GRANULARITY,
@@ -141,6 +189,10 @@ def privacy_report(metrics: dict) -> dict:
         "declined": {str(r["round"]): r["declined"] for r in metrics["rounds"] if r.get("declined")},
         "dropped": {str(r["round"]): r["dropped"] for r in metrics["rounds"] if r.get("dropped")},
         "rejected": {str(r["round"]): r["rejected"] for r in metrics["rounds"] if r.get("rejected")},
+        "job_id": metrics.get("job_id"),
+        "rounds_completed": max((r["round"] for r in metrics["rounds"]), default=0),
+        "lost_rounds": metrics.get("lost_rounds", []),
+        "voided": metrics.get("voided", []),
     }
 
 
@@ -167,6 +219,29 @@ def cell(value, spec: str = "") -> str:
     return ACCOUNTANT_NAMES.get(value, value) if isinstance(value, str) else format(value, spec)
 
 
+def secagg_neighbours(job: JobConfig) -> dict:
+    """SecAgg+'s neighbourhood and threshold per round, as Flower's workflow derives them from ours."""
+    per_round, shares = job.federation.per_round, secagg_shares(job.federation.per_round)
+    neighbours = per_round if isinstance(shares, float) else shares
+    share = job.secure_aggregation.reconstruction_threshold
+    return {"per_round": per_round, "shares": neighbours, "threshold": max(2, round(share * neighbours)),
+            "threshold_if_all": max(2, round(share * per_round))}
+
+
+def secagg_line(report: dict) -> str:
+    if not report["secure_aggregation"]:
+        return "off (the coordinator saw each institution's noised update)"
+    line = "on (Flower SecAgg+: the coordinator received only masked updates and their sum)"
+    hood = report.get("secure_aggregation_neighbours")
+    if not hood or hood["shares"] >= hood["per_round"]:
+        return line
+    return (f"{line}; each institution's masks and key shares went to {hood['shares'] - 1} neighbours of the "
+            f"{hood['per_round']} in its round, drawn by the coordinator (SecAgg+'s logarithmic neighbourhood), so "
+            f"a coordinator colluding with {hood['threshold']} of an institution's neighbours could unmask its "
+            f"update (were every institution a neighbour: {hood['threshold_if_all']} of {hood['per_round'] - 1}); the "
+            "update is still covered by its record-level epsilon")
+
+
 def institution_dp_line(dp: dict) -> str:
     if not dp["enabled"]:
         return "Institution-level DP at the coordinator: off."
@@ -180,13 +255,12 @@ def institution_dp_line(dp: dict) -> str:
 
 
 def render_privacy_markdown(report: dict) -> str:
-    secagg = (
-        "on (Flower SecAgg+: the coordinator received only masked updates and their sum)"
-        if report["secure_aggregation"] else "off (the coordinator saw each institution's noised update)"
-    )
+    secagg = secagg_line(report)
     lines = [
         "# Privacy report",
         "",
+        f"- Job {report.get('job_id') or '-'}: {report.get('rounds_completed', 0)} of {report['rounds_planned']} rounds "
+        "completed so far (this report is rewritten after every round).",
         f"- Guarantee: {report['guarantee']}.",
         f"- Mechanism: {report['mechanism']}.",
         "- Every epsilon is computed by the named accountant over the institution's whole released history for "
@@ -225,6 +299,25 @@ def render_privacy_markdown(report: dict) -> str:
                          f"{SENTENCES.get(code, 'see server/update_checks.py')}); "
                          + ("the global model stayed as it was." if who == AGGREGATE else
                             "it was left out of the average; its ledger counts the release."))
+    for voided in report.get("voided", []):
+        spent = " and ".join(f"{name} ({row['steps']} DP-SGD steps; its job epsilon {row['epsilon_after']:.4f} after it)"
+                             for name, row in voided["spent"].items())
+        why = (f" after {', '.join(voided['dropped'])} dropped out" if voided["dropped"] else "")
+        lines.append(f"\n- Round {voided['round']}: voided{why}: the round was not aggregated (with SecAgg+, too few "
+                     f"institutions were left to unmask the sum) and the global model stayed as it was; released by "
+                     f"{spent}, which their ledgers count.")
+    for lost in report.get("lost_rounds", []):
+        released = lost["released_steps"]
+        unknown = [name for name in lost.get("asked", []) if name not in released]
+        who = [f"released by {' and '.join(f'{name} ({steps} DP-SGD steps)' for name, steps in released.items())}"
+               ] if released else []
+        if unknown:
+            who.append(f"asked of {' and '.join(unknown)} (what they released for it, reported by no later update, "
+                       "is in their ledgers)")
+        lines.append(f"\n- Round {lost['round']}: {'; '.join(who) or 'asked of no institution yet'}, lost in the "
+                     f"coordinator crash; the job resumed from the checkpoint of round {lost['round'] - 1}. Every "
+                     "ledger counts what was released for it, and the epsilon figures above include what the "
+                     "institutions reported.")
     lines += ["", "## What left each institution", ""]
     lines += [f"- {item['what']}: " + ("covered by its epsilon." if item["covered_by_epsilon"] else
                                        "not covered by epsilon.") for item in report["what_left_each_institution"]]
@@ -240,9 +333,7 @@ def render_markdown(metrics: dict) -> str:
         "",
         f"- Model: `{metrics.get('model_path', cfg['model']['path'])}`, LoRA rank {cfg['model']['lora_rank']} on the "
         f"top {cfg['model']['trainable_layers']} layers; {metrics.get('trainable_parameters', '?')} trainable parameters travel.",
-        f"- Data: `{cfg['data']['train_path']}`; test `{cfg['data']['test_path']}`.",
-        f"- Federation: {cfg['federation']['institutions']} institutions, {cfg['federation']['rounds']} rounds, "
-        f"strategy {cfg['federation']['strategy']}, Dirichlet alpha {cfg['federation']['alpha']}.",
+        *data_lines(metrics),
         f"- Privacy: record-level DP-SGD on every institution (Opacus: Poisson sampling, per-record clipping at "
         f"{privacy['max_grad_norm']}, Gaussian noise). The job asked each institution for epsilon "
         f"{privacy['target_epsilon']}; each institution granted at most what its own budget had left, at its own "
@@ -252,14 +343,17 @@ def render_markdown(metrics: dict) -> str:
         f"- Secure aggregation: {'on (SecAgg+)' if metrics['secure_aggregation'] else 'off'}. "
         f"{institution_dp_line(metrics['institution_dp'])}",
         f"- Wall time: {metrics.get('wall_seconds', 0):.1f} s.",
+        *session_lines(metrics),
         "",
         "## Rounds",
         "",
-        "| round | accuracy | loss | bytes up | bytes down |",
-        "|---:|---:|---:|---:|---:|",
+        "| round | accuracy | loss | took part / asked | bytes up | bytes down |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in metrics["rounds"]:
-        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {r['loss']:.4f} | {r['bytes_up']:,} | {r['bytes_down']:,} |")
+        loss = f"{r['loss']:.4f}" + (f" (perplexity {r['perplexity']:.2f})" if "perplexity" in r else "")
+        lines.append(f"| {r['round']} | {r['accuracy']:.4f} | {loss} | {len(r.get('took_part', []))} / "
+                     f"{len(r.get('asked', []))} | {r['bytes_up']:,} | {r['bytes_down']:,} |")
     lines += [
         "",
         "## Institutions",
@@ -276,8 +370,46 @@ def render_markdown(metrics: dict) -> str:
             f"{cell(inst['noise_multiplier'], '.4f')} | {cell(inst['sample_rate'], '.4f')} | {cell(inst['max_grad_norm'], 'g')} | "
             f"{inst['steps']} | {inst['rounds']} ({len(inst['declined_rounds'])}) | {inst['bytes_up']:,} | {inst['bytes_down']:,} |"
         )
+    lines += sample_lines(metrics.get("samples", []))
     lines += ["", "![accuracy](accuracy.png)", "", "![epsilon](epsilon.png)", ""]
     return "\n".join(lines)
+
+
+def sample_lines(samples: list[dict]) -> list[str]:
+    """A causal LM's greedy generations for the first test prompts (the coordinator's own test file)."""
+    if not samples:
+        return []
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+    lines = ["", "## Sample generations (final model, greedy)", "", "| prompt | expected | generated |", "|---|---|---|"]
+    return lines + [f"| {cell(s['prompt'])} | {cell(s['expected'])} | {cell(s['generated'])} |" for s in samples]
+
+
+def data_lines(metrics: dict) -> list[str]:
+    """A simulation's data is one file split by Dirichlet; a deployed job's is what the coordinator knows: the
+    institutions and the record counts they reported."""
+    cfg = metrics["config"]
+    fed = cfg["federation"]
+    if not metrics.get("deployed"):
+        return [f"- Data: `{cfg['data']['train_path']}`; test `{cfg['data']['test_path']}`.",
+                f"- Federation: {fed['institutions']} institutions, {fed['rounds']} rounds, strategy {fed['strategy']}, "
+                f"Dirichlet alpha {fed['alpha']}."]
+    counts = ", ".join(f"{inst['name']} {cell(inst['examples'])}" for inst in metrics["institutions"])
+    return [f"- Data: each institution's own file, which the coordinator never sees; records as the institutions "
+            f"reported them (rounded up to {m.RECORD_GRANULARITY}s): {counts or 'none reported'}. The coordinator "
+            f"evaluated on its own test file `{cfg['data']['test_path']}`.",
+            f"- Federation: {fed['institutions']} institutions, {fed['rounds']} rounds, strategy {fed['strategy']}."]
+
+
+def session_lines(metrics: dict) -> list[str]:
+    """The job's identity and, for a job its coordinator lost, where it was interrupted and resumed."""
+    sessions = metrics.get("sessions", [])
+    lines = [f"- Job id: {metrics.get('job_id') or '-'}."] if metrics.get("job_id") else []
+    for session in sessions[1:]:
+        lines.append(f"- Interrupted (coordinator crash) after the checkpoint of round {session['after_round']}; "
+                     f"resumed {session['started']} as Flower run {session['run_id']}.")
+    return lines
 
 
 def _plot_accuracy(path: Path, metrics: dict) -> None:

@@ -24,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import messages as m
+from server.grid_decorator import GridDecorator
 
 # Errors Flower reports when a reply was lost rather than refused: the node went offline, its
 # ClientApp process died (killed, out of memory), or its upload never completed. The round goes
@@ -95,11 +96,12 @@ class RoundLog:
         return sorted(named)
 
 
-class RecordingGrid(Grid):
+class RecordingGrid(GridDecorator):
     """A Grid that records each exchange into a `RoundLog` and enforces a reply timeout."""
 
     def __init__(self, grid: Grid, round_log: RoundLog, timeout: float):
-        self.grid, self.round_log, self.timeout = grid, round_log, timeout
+        super().__init__(grid)
+        self.round_log, self.timeout = round_log, timeout
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -138,23 +140,3 @@ class RecordingGrid(Grid):
             # An admitted institution is reported under its admitted name, whatever its reply calls it.
             name = self.round_log.node_names.setdefault(node, str(metrics[m.INSTITUTION]))
             self.round_log.replies.setdefault(server_round, {})[name] = metrics
-
-    # Everything else goes straight to Flower's Grid.
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)

@@ -19,10 +19,16 @@ chance) and a rejected round is never noised nor counted.
 
 from __future__ import annotations
 
+import math
+import random
+from collections import Counter
 from collections.abc import Callable
 
 from flwr.common import NDArrays, Parameters, Scalar, parameters_to_ndarrays
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedProx, Strategy
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAdam, FedAvg, FedOpt, FedProx, Strategy
+from flwr.server import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 
@@ -59,15 +65,16 @@ class ClippedUpdatesOnly(DifferentialPrivacyClientSideFixedClipping):
 
 def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn,
                   round_log: RoundLog | None = None) -> Strategy:
-    """Every institution trains in every round; the coordinator evaluates centrally.
+    """`federation.per_round` institutions train in each round (which: `LeastAskedFirst`); the
+    coordinator evaluates centrally.
 
     Order: ClippedUpdatesOnly(CheckedUpdates(Flower's strategy)); rejections go to `round_log`.
     """
     fed = job.federation
     common = dict(
-        fraction_fit=1.0,
+        fraction_fit=fed.fraction_per_round,
         fraction_evaluate=0.0,
-        min_fit_clients=fed.institutions,
+        min_fit_clients=fed.per_round,  # Flower rounds the fraction down; this rounds it up
         min_evaluate_clients=0,
         min_available_clients=fed.institutions,
         initial_parameters=initial,
@@ -87,8 +94,46 @@ def make_strategy(job: JobConfig, initial: Parameters, evaluate_fn: EvaluateFn,
     dp = job.institution_dp
     strategy = CheckedUpdates(strategy, update_bounds(job, initial), round_log, void_round_on_rejection=dp.enabled)
     if dp.enabled:
-        strategy = ClippedUpdatesOnly(strategy, dp.noise_multiplier, dp.clipping_norm, fed.institutions)
+        strategy = ClippedUpdatesOnly(strategy, dp.noise_multiplier, dp.clipping_norm, fed.per_round)
     return strategy
+
+
+# What decides a strategy's next round besides the global weights: FedAdam's moments and its own copy of
+# the weights (Flower's FedOpt), the count of noised rounds. FedAvg and FedProx keep nothing between rounds.
+_OPT_ARRAYS = ("current_weights", "m_t", "v_t")
+
+
+def _layers(strategy: Strategy) -> list[Strategy]:
+    """The strategy and every strategy it wraps (ClippedUpdatesOnly, CheckedUpdates, Flower's)."""
+    layers = [strategy]
+    while (inner := getattr(layers[-1], "strategy", None)) is not None:
+        layers.append(inner)
+    return layers
+
+
+def state_dict(strategy: Strategy, clients: LeastAskedFirst | None = None) -> dict:
+    """The strategy's (and its client manager's) state after a round, for server/checkpoint.py:
+    arrays and JSON values."""
+    arrays: dict[str, NDArrays] = {}
+    values: dict = {"asked": dict(clients.asked)} if clients is not None else {}
+    for layer in _layers(strategy):
+        if isinstance(layer, FedOpt):
+            arrays.update({name: list(getattr(layer, name)) for name in _OPT_ARRAYS if getattr(layer, name) is not None})
+        if isinstance(layer, ClippedUpdatesOnly):
+            values["noised_rounds"] = layer.noised_rounds
+    return {"arrays": arrays, "values": values}
+
+
+def load_state_dict(strategy: Strategy, state: dict, clients: LeastAskedFirst | None = None) -> None:
+    """Put a `state_dict` back into a strategy made by `make_strategy` for the same job (and its client manager)."""
+    if clients is not None:
+        clients.asked.update(state["values"].get("asked", {}))
+    for layer in _layers(strategy):
+        if isinstance(layer, FedOpt):
+            for name in _OPT_ARRAYS:
+                setattr(layer, name, [a.copy() for a in state["arrays"][name]] if name in state["arrays"] else None)
+        if isinstance(layer, ClippedUpdatesOnly):
+            layer.noised_rounds = int(state["values"].get("noised_rounds", 0))
 
 
 def max_weight(job: JobConfig) -> int:
@@ -105,8 +150,8 @@ def update_bounds(job: JobConfig, initial: Parameters) -> UpdateBounds:
         shapes=tuple(a.shape for a in parameters_to_ndarrays(initial)),
         clipping_range=secagg.clipping_range,
         max_weight=float(max_weight(job)),
-        institutions=job.federation.institutions,
-        quantization_range=quantization_range(job.federation.institutions) if secagg.enabled else None,
+        institutions=job.federation.per_round,
+        quantization_range=quantization_range(job.federation.per_round) if secagg.enabled else None,
     )
 
 
@@ -126,17 +171,53 @@ def quantization_range(institutions: int, modulus: int = MODULUS) -> int:
     return min(INT32_MAX - 1, (modulus - 1) // institutions - 1)
 
 
+def secagg_shares(sampled: int) -> int | float:
+    """SecAgg+'s neighbourhood (`num_shares`, itself included) for a round of `sampled` institutions.
+
+    SecAgg+ (Bell et al. 2020) masks each update with a logarithmic number of neighbours instead of
+    everyone: here the odd number nearest above 3 log2(n), used once it is at most half the round
+    (n >= 34: 17 of 34, 19 of 64, 21 of 100; BENCHMARKS.md measures what it saves), else every institution
+    (1.0, as before). Flower's workflow draws the neighbours on a shuffled ring each round, and
+    `reconstruction_threshold` stays a share of the neighbourhood. The privacy consequence is in
+    server/report.py (`secagg_line`): a coordinator now needs that share of an institution's
+    neighbours, not of the whole round, to unmask its update.
+    """
+    shares = 2 * math.ceil(1.5 * math.log2(max(sampled, 2))) + 1
+    return shares if 2 * shares <= sampled else 1.0
+
+
+class LeastAskedFirst(SimpleClientManager):
+    """Each round asks the institutions asked least so far (ties at random): counts never differ by
+    more than one, so none is asked for more than `federation.rounds_per_institution` rounds, the
+    rounds its noise is planned for. An institution asked for more would decline past its grant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: Counter[str] = Counter()
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Criterion | None = None) -> list[ClientProxy]:
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        available = [cid for cid in self.clients if criterion is None or criterion.select(self.clients[cid])]
+        if num_clients > len(available):
+            return []
+        random.shuffle(available)
+        chosen = sorted(available, key=lambda cid: self.asked[cid])[:num_clients]  # a stable sort: ties stay shuffled
+        self.asked.update(chosen)
+        return [self.clients[cid] for cid in chosen]
+
+
 def make_workflow(job: JobConfig) -> DefaultWorkflow:
     secagg = job.secure_aggregation
     if not secagg.enabled:
         return DefaultWorkflow(fit_workflow=default_fit_workflow)
     return DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
-            num_shares=1.0,  # every institution holds a share of every other's key
+            num_shares=secagg_shares(job.federation.per_round),
             reconstruction_threshold=secagg.reconstruction_threshold,
             max_weight=float(max_weight(job)),
             clipping_range=secagg.clipping_range,
-            quantization_range=quantization_range(job.federation.institutions),
+            quantization_range=quantization_range(job.federation.per_round),
             modulus_range=MODULUS,
             timeout=job.federation.round_timeout,
         )

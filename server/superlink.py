@@ -18,6 +18,9 @@ the way, through the slots Flower itself provides, without touching Flower's fil
   starts fedtune's (common/superexec.py), which also keeps task tokens off command lines.
 - TLS 1.3 only on that port: uvicorn's default context, which `flower-superlink` uses, accepts 1.2.
   (The Fleet port is Flower's gRPC server, whose TLS versions Python cannot set: docs/operators.md.)
+- Fleet faults are recorded (server/fleet_events.py): each node key the Fleet API refuses, named
+  after the institution it was admitted as, and each failed TLS handshake on the Fleet port, which
+  gRPC reports only in its own INFO log lines on stderr (read here, and not passed on).
 
 Private parts of flwr 1.39 are used here (its argument parser and lifespan class), as
 simulations/engine.py does; the pin in pyproject.toml keeps them where they are.
@@ -26,16 +29,23 @@ simulations/engine.py does; the pin in pyproject.toml keeps them where they are.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hmac
+import json
 import os
+import re
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from logging import WARNING
 from pathlib import Path
 
 import uvicorn
 from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+from flwr.common.logger import log
+from flwr.server.superlink.fleet.grpc_rere.node_auth_server_interceptor import NodeAuthServerInterceptor
 from flwr.supercore.auth.typing import AccountAuthCredentials, AccountAuthLoginDetails, AccountInfo
 from flwr.supercore.http_logging import get_uvicorn_log_config
 from flwr.supercore.logger import console_handler
@@ -43,6 +53,7 @@ from flwr.superlink.auth_plugin import ControlAuthnPlugin
 from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _parse_superlink_lifespan_config
 
 from common.superexec import TOKEN_DIR
+from server import fleet_events
 
 
 class TokenAuthn(ControlAuthnPlugin):
@@ -93,6 +104,92 @@ class Lifespan(SuperLinkLifespan):
         self.superexec_process = subprocess.Popen(command)  # pylint: disable=consider-using-with
 
 
+class FaultRecorder:
+    """Appends Fleet faults to the events file and says each in one line of the SuperLink's log."""
+
+    def __init__(self, events_file: Path, institutions_file: Path):
+        self.events_file, self.institutions_file = events_file, institutions_file
+
+    def add(self, event: fleet_events.FleetEvent) -> None:
+        fleet_events.record(self.events_file, event)
+        log(WARNING, "fedtune: %s", event.sentence())
+
+    def refused_key(self, public_key: bytes) -> None:
+        try:
+            registry = json.loads(self.institutions_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            registry = {}
+        self.add(fleet_events.refused_key(public_key, registry))
+
+
+class KeyRefusalsRecorded(NodeAuthServerInterceptor):
+    """Flower's node authentication, unchanged, recording each activation the Fleet API refuses."""
+
+    recorder: FaultRecorder
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = super().intercept_service(continuation, handler_call_details)
+        if not handler_call_details.method.endswith("/ActivateNode") or getattr(handler, "unary_unary", None) is None:
+            return handler
+        activate = handler.unary_unary
+
+        def recorded(request, context):
+            try:
+                return activate(request, context)
+            except Exception:
+                self.recorder.refused_key(bytes(request.public_key))
+                raise
+
+        return handler._replace(unary_unary=recorded)
+
+
+# A gRPC core log line: severity letter, date, time, thread, file:line].
+_GRPC_LINE = re.compile(rb"^([IWEF])\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]")
+
+
+class StderrTap:
+    """Reads this process's stderr (fd 2: Python's and gRPC core's) before passing it on.
+
+    gRPC logs a failed TLS handshake only at INFO, so INFO is switched on for this process, each such
+    line becomes a Fleet event, and gRPC's other INFO lines are dropped: the log reads as before."""
+
+    def __init__(self, recorder: FaultRecorder):
+        self.recorder = recorder
+        self.original = os.dup(2)
+        read, self.write = os.pipe()
+        os.dup2(self.write, 2)
+        self.thread = threading.Thread(target=self._pump, args=(read,), name="stderr-tap", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)
+
+    def _pump(self, read: int) -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                grpc_line = _GRPC_LINE.match(line)
+                if grpc_line and b"Log level INFO is not suitable" in line:
+                    continue  # gRPC's notice about the INFO level this process asked for
+                if grpc_line and grpc_line.group(1) == b"I":
+                    fault = fleet_events.handshake_fault(line.decode(errors="replace"))
+                    if fault is not None:
+                        try:
+                            self.recorder.add(fleet_events.FleetEvent(fleet_events.now(), fault))
+                        except OSError:
+                            pass
+                    continue
+                self._forward(line)
+
+    def _forward(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self.original, data):]
+
+    def stop(self) -> None:
+        """Give fd 2 back and pass on what is still in the pipe."""
+        sys.stderr.flush()
+        os.dup2(self.original, 2)
+        os.close(self.write)
+        self.thread.join(timeout=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, separator, theirs = argv, [], []
@@ -103,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--control-token-file", type=Path, required=True, metavar="FILE",
                         help="file holding the Control API token (0600)")
+    parser.add_argument("--fleet-events-file", type=Path, required=True, metavar="FILE",
+                        help="where refused node keys and failed TLS handshakes are recorded (server/fleet_events.py)")
+    parser.add_argument("--institutions-file", type=Path, required=True, metavar="FILE",
+                        help="the coordinator's admitted institutions, to name a refused key")
     args = parser.parse_args(ours)
     if not separator:
         parser.error("give flower-superlink's flags after --")
@@ -114,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["flower-superlink", *theirs]  # Flower's parser reads sys.argv
     config = _parse_superlink_lifespan_config()
     config.authn_plugin = TokenAuthn(args.control_token_file.read_text(encoding="utf-8").strip())
+    KeyRefusalsRecorded.recorder = FaultRecorder(args.fleet_events_file, args.institutions_file)
+    # What Flower's lifespan builds its Fleet server with (the module: `flwr.superlink.cli` exports a function of its name).
+    sys.modules[SuperLinkLifespan.__module__].NodeAuthServerInterceptor = KeyRefusalsRecorded
+    if os.environ.get("GRPC_VERBOSITY") != fleet_events.GRPC_LOG_ENV["GRPC_VERBOSITY"]:
+        log(WARNING, "fedtune: GRPC_VERBOSITY is not INFO: failed TLS handshakes on the Fleet port go unrecorded")
+    StderrTap(KeyRefusalsRecorded.recorder)
     from flwr.superlink.main import create_app  # pylint: disable=import-outside-toplevel
 
     app = create_app(config, Lifespan)

@@ -13,6 +13,12 @@ other user of the machine, and whoever joins a Ray cluster runs code as its user
 authentication (`RAY_AUTH_MODE=token`, a fresh random token per process, in the environment only,
 which other users cannot read) shuts them out. Both must be set before Ray is imported, in this
 process and so in every Ray process it starts.
+
+Memory is flat in the number of institutions: Flower's Ray backend starts cores /
+`cpus_per_institution` actors, whatever N, and hands each institution's message to a free one; an
+actor keeps a few institutions' models and features (client/round.py), a simulated institution
+between rounds is only its Flower context and its ledger on disk (BENCHMARKS.md, "A federation
+of 100").
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from flwr.serverapp import ServerApp
 
 from client.app import app as institution_app
 from client.round import STATE_DIR_ENV
-from common.config import OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig
+from common.config import JOB_ID_KEY, OUT_DIR_KEY, REPO_ROOT, RUN_CONFIG_KEY, JobConfig, new_job_id
 from common.flower_env import quiet_flower
 from server.app import app as coordinator_app
 from simulations.budgets import register_budgets
@@ -72,15 +78,17 @@ def simulate(
     budget_delta: float | None = None,
     server_app: ServerApp = coordinator_app,
     client_app: ClientApp = institution_app,
+    job_id: str | None = None,
 ) -> None:
     """Run `job` with `job.federation.institutions` simulated institutions; results go to `out`,
     institution `name`'s privacy ledger to `state_dir/name`, with its budget registered first
-    (simulations/budgets.py). Other apps: tests that observe the real ones."""
+    (simulations/budgets.py). Other apps: tests that observe the real ones. `job_id`: the id of a job
+    to resume from its run folder's checkpoint (default: a new job)."""
     if not verbose:
         quiet_flower()
     register_budgets(job, state_dir, budget_epsilon, budget_delta)
     os.environ[STATE_DIR_ENV] = str(state_dir)
-    run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out)}
+    run_config = {RUN_CONFIG_KEY: job.to_json(), OUT_DIR_KEY: str(out), JOB_ID_KEY: job_id or new_job_id()}
     run = _new_run(run_config)
     from ray._private import ray_constants  # pylint: disable=import-outside-toplevel
 

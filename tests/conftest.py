@@ -16,7 +16,8 @@ pytest_plugins = ["deployment_support"]
 
 SLICE_LABELS = 6
 # Modules that start Flower's simulation engine (Ray).
-SIMULATION_MODULES = {"test_simulation", "test_secure_aggregation", "test_institution_dp", "test_console", "test_local_surfaces"}
+SIMULATION_MODULES = {"test_simulation", "test_llm", "test_secure_aggregation", "test_institution_dp", "test_console", "test_local_surfaces",
+                      "test_resume"}
 
 
 def pytest_collection_modifyitems(items):

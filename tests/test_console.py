@@ -29,6 +29,7 @@ from common.config import REPO_ROOT
 from server.cli import build_parser
 from server.console import Console, ConsoleServer, CoordinatorJobs, SimulatedJob
 from server.console.state import institution_view, projected_epsilon
+from test_tracking import scalars
 
 TOKEN = "the-token"
 
@@ -256,7 +257,7 @@ def test_a_browser_follows_a_simulated_job_live(banking_slice, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "simulations.cli", "--train", str(train), "--test", str(test),
                "--institutions", "2", "--rounds", "3", "--batch-size", "48", "--secure-aggregation", "off",
-               "--out", str(out), "--console"]
+               "--out", str(out), "--console", "--tensorboard", "on"]
     log = (tmp_path / "sim.log").open("w")
     sim = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -313,6 +314,11 @@ def test_a_browser_follows_a_simulated_job_live(banking_slice, tmp_path):
             assert page(row + " .remaining") == f"{inst['budget_epsilon'] - inst['dataset_epsilon']:.4f}"
         assert page("#privacy [data-fact='accountant']") == metrics["institutions"][0]["accountant"]
         assert page("#privacy [data-fact='secure aggregation']") == "off"
+        # the same job's TensorBoard export (report.tensorboard) holds the same numbers
+        exported = scalars(out)
+        assert exported["global/accuracy"] == [(r["round"], pytest.approx(r["accuracy"])) for r in metrics["rounds"]]
+        for inst in metrics["institutions"]:
+            assert [v for _, v in exported[f"dataset_epsilon/{inst['name']}"]][-1] == pytest.approx(inst["dataset_epsilon"])
 
         height = driver.execute_script("return document.documentElement.scrollHeight")
         driver.set_window_size(1440, height + 40)

@@ -92,7 +92,7 @@ class Kill:
 @dataclass
 class Job:
     index: int
-    run_id: str
+    job_id: str  # fedtune's job id: the ledger's key for the job (Flower's run id is not)
     completed: bool
     aggregated: set[tuple[str, int]]  # (institution, round) updates in the finished job's metrics.json
     privacy: dict = field(default_factory=dict)
@@ -212,7 +212,8 @@ def run_job(index: int, coordinator, nodes: dict[str, Node], kills: list[Kill], 
     (folder / f"submit{index}.log").write_text(result.stdout + result.stderr)
     found = re.search(r"submitted run (\d+)", result.stdout)
     assert found, f"seed {SEED}: job {index} was not submitted:\n{result.stdout[-2000:]}\n{result.stderr}"
-    job = Job(index, found.group(1), False, set(), seconds=time.monotonic() - started)
+    job_id = json.loads((coordinator.state / "runs.json").read_text())[found.group(1)]["job_id"]
+    job = Job(index, job_id, False, set(), seconds=time.monotonic() - started)
     if result.returncode == 0 and (out / "metrics.json").is_file():
         metrics = json.loads((out / "metrics.json").read_text())
         job.completed = True
@@ -280,7 +281,7 @@ def check_ledger(node: Node, jobs: list[Job], kills: list[Kill], env: dict) -> d
     rows = ledger_rows(node)
     hits = [k for k in kills if k.name == node.name and not k.landed.startswith("missed")]
     context = (f"seed {SEED}\nkills: " + "; ".join(map(str, kills)) + f"\n{node.name} ledger: {rows}\n"
-               + "\n".join(f"job {j.index} run {j.run_id}: completed {j.completed}, aggregated {sorted(j.aggregated)}"
+               + "\n".join(f"job {j.index} ({j.job_id}): completed {j.completed}, aggregated {sorted(j.aggregated)}"
                            for j in jobs))
     assert {row[2] for row in rows} <= {"pending", "released"}, context
     released = [(row[0], row[1]) for row in rows if row[2] == "released"]
@@ -288,9 +289,9 @@ def check_ledger(node: Node, jobs: list[Job], kills: list[Kill], env: dict) -> d
     for job in jobs:
         if not job.completed:
             continue  # nothing of it was aggregated; what left the node cannot be told from here
-        got = {(job.run_id, rnd) for name, rnd in job.aggregated if name == node.name}
+        got = {(job.job_id, rnd) for name, rnd in job.aggregated if name == node.name}
         assert got <= set(released), f"lost: aggregated but not released: {sorted(got - set(released))}\n{context}"
-        unreceived = {(run, rnd) for run, rnd in released if run == job.run_id} - got
+        unreceived = {(run, rnd) for run, rnd in released if run == job.job_id} - got
         killed_here = [k for k in hits if k.job == job.index]
         assert len(unreceived) <= len(killed_here), (
             f"released but never aggregated, more than the {len(killed_here)} kill(s) in flight: {sorted(unreceived)}\n{context}"
@@ -308,7 +309,7 @@ def check_ledger(node: Node, jobs: list[Job], kills: list[Kill], env: dict) -> d
 def outcome(kill: Kill, jobs: list[Job], nodes: dict[str, Node]) -> str:
     """What the kill left for its job: no entry, pending, or released (and whether aggregated)."""
     job = jobs[kill.job - 1]
-    statuses = [row[2] for row in ledger_rows(nodes[kill.name]) if row[0] == job.run_id]
+    statuses = [row[2] for row in ledger_rows(nodes[kill.name]) if row[0] == job.job_id]
     aggregated = "aggregated" if (kill.name, 1) in job.aggregated else "not aggregated"
     return f"{kill} -> {'/'.join(statuses) or 'no entry'}, {aggregated}"
 

@@ -24,6 +24,8 @@ import tomli_w
 
 from common.processes import FlowerProcess, flower_env, flower_executable
 from server import pki
+from server.fleet_events import FLEET_EVENTS_FILE, Fault, FleetEvent, key_sha256
+from server.fleet_events import read as read_fleet_events
 
 from deployment_support import (
     STOP_GRACE,
@@ -63,7 +65,7 @@ def test_global_model_changed(finished_job, slice_labels):
     from safetensors.torch import load_file
 
     from common.config import ModelConfig
-    from common.model import build_model
+    from common.models.encoder import build_model
 
     out, _, _ = finished_job
     metrics = json.loads((out / "metrics.json").read_text())
@@ -114,6 +116,20 @@ def test_institution_never_admitted_is_refused(coordinator, federation, data_fil
     assert wait_for_exit(process, log, 90) == 1
     assert "refused this institution's key: it was never admitted, or it was revoked" in log.read_text()
     assert "gamma" not in coordinator.institutions()
+    # the coordinator's side says so in one line, with the key's fingerprint instead of its PEM
+    fingerprint = key_sha256((processes.folder / "gamma" / "node.pub").read_bytes())
+    refused = wait_for_fleet_event(coordinator, lambda e: e.fault == Fault.REFUSED_KEY and e.key_sha256 == fingerprint)
+    assert refused.institution is None
+    wait_for_text(coordinator.log, f"fedtune: refused an unknown node key (sha256 {fingerprint[:16]}): never admitted", 1, 10)
+
+
+def wait_for_fleet_event(coordinator, matches, timeout: float = 30) -> FleetEvent:
+    """The first Fleet fault the coordinator recorded (server/fleet_events.py) that `matches`."""
+    deadline = time.monotonic() + timeout
+    while not (found := [e for e in read_fleet_events(coordinator.state / FLEET_EVENTS_FILE) if matches(e)]):
+        assert time.monotonic() < deadline, f"no such fleet event:\n{tail(coordinator.log)}"
+        time.sleep(0.5)
+    return found[0]
 
 
 def wait_for_text(log: Path, text: str, count: int, timeout: float) -> None:
@@ -144,6 +160,12 @@ def test_institution_node_survives_a_crash_and_is_cut_off_when_revoked(coordinat
     assert wait_for_exit(process, log, 90) == 1
     assert "refused this institution's key" in log.read_text()
     assert coordinator.institutions()["delta"] == "unregistered"
+    # the coordinator named the institution whose key it refused, both times
+    restarted = wait_for_fleet_event(coordinator, lambda e: e.institution == "delta" and not e.revoked)
+    assert restarted.sentence().startswith("refused the node key of delta (admitted, not revoked:")
+    refused = wait_for_fleet_event(coordinator, lambda e: e.fault == Fault.REFUSED_KEY and e.institution == "delta"
+                                   and e.revoked is not None)
+    assert refused.sentence() == f"refused the node key of delta: revoked {refused.revoked}"
     again = coordinator.run("admit", folder / "node.pub", "--name", "delta-again")
     assert again.returncode == 1 and "Public key already in use" in again.stderr
 
@@ -171,6 +193,14 @@ def test_fleet_port_speaks_only_tls_with_http2(coordinator, federation, data_fil
     with pytest.raises(grpc.FutureTimeoutError):
         grpc.channel_ready_future(channel).result(timeout=5)
     channel.close()
+    # Each plaintext attempt is a fault on the coordinator's side too.
+    wait_for_fleet_event(coordinator, lambda e: e.fault == Fault.PLAINTEXT)
+    wait_for_text(coordinator.log, "fedtune: refused a plaintext connection to the Fleet port", 1, 10)
+    assert "Handshake failed" not in coordinator.log.read_text()  # gRPC's own INFO lines are not passed on
+    from server.console import CoordinatorJobs
+
+    shown = [fault["sentence"] for fault in CoordinatorJobs(coordinator.state).snapshot()["faults"]]
+    assert "refused a plaintext connection to the Fleet port (TLS is required)" in shown  # and the console shows it
     # And fedtune's own plaintext client says why it cannot connect.
     process, log = processes.start("plain", "client", "start", "--superlink", coordinator.fleet, "--insecure",
                                    "--data", data_files["alpha"], "--name", "plain",

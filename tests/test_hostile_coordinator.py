@@ -27,7 +27,7 @@ from client.privacy.budget import BudgetError, resolve_dataset, set_budget
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from common import messages as m
 from common.accounting import epsilon
-from common.config import REPO_ROOT, JobConfig, NodeConfig, load_config
+from common.config import JOB_ID_KEY, REPO_ROOT, JobConfig, NodeConfig, load_config
 from common.data import file_fingerprint
 from common.model_files import model_digest, packaged_model_path
 
@@ -77,10 +77,13 @@ class Institution:
             cache_dir=folder / "cache", device="cpu", model_dir=model_dir, model_sha256=model_digest(model_dir),
         ).to_flower()
 
-    def round(self, job: JobConfig, run_id: int = 1, server_round: int = 1, weights_of: JobConfig | None = None) -> Message:
+    def round(self, job: JobConfig, run_id: int = 1, server_round: int = 1, weights_of: JobConfig | None = None,
+              job_id: str | None = None) -> Message:
         """One train instruction from the coordinator through the real ClientApp; the reply it sends back.
         The weights sent are `weights_of`'s initial ones (default: the job's)."""
-        from common.model import build_model, pick_device, to_ndarrays, trainable_state
+        from common.models.device import pick_device
+        from common.models.encoder import build_model
+        from common.models.transport import to_ndarrays, trainable_state
 
         TaskIdentity.run_id = run_id
         shaped = weights_of or job
@@ -91,7 +94,7 @@ class Institution:
         message = Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type="train",
                           group_id=str(server_round), ttl=3600)
         context = Context(run_id=run_id, node_id=1, node_config=dict(self.node_config), state=RecordDict(),
-                          run_config={"job": job.to_json()})
+                          run_config={"job": job.to_json(), **({JOB_ID_KEY: job_id} if job_id else {})})
         return institution_app(message, context)
 
     def spent(self) -> float:
@@ -303,3 +306,20 @@ def test_budget_finds_the_default_state_folder_and_says_where_it_looked(tmp_path
     listed = json.loads(subprocess.run([sys.executable, "-m", "client.cli", "budget", "--json"], cwd=REPO_ROOT,
                                        capture_output=True, text=True, env=env).stdout)
     assert listed[0]["budget_changes"][0]["changed_by"]
+
+
+def test_a_resumed_job_keeps_its_grant_and_a_reused_job_id_buys_no_second_one(institution, slice_labels, model_dir):
+    """The job id, not Flower's run id, keys the ledger: the resumed job (a new run id) draws on the plan made for
+    it, and a coordinator that reuses the id with a bigger request gets nothing beyond the first grant."""
+    job_id = "job-00000000000000aa"
+    assert not institution.round(hostile_job(slice_labels, model_dir), run_id=101, job_id=job_id).has_error()
+    grant = institution.ledger.grant(institution.dataset, job_id)
+    greedy = hostile_job(slice_labels, model_dir, **{"privacy.target_epsilon": 1000.0, "federation.rounds": 1})
+    for server_round in (1, 2, 3):  # round 1 again (lost in a crash), then more than were planned
+        institution.round(greedy, run_id=102, server_round=server_round, job_id=job_id)
+    assert institution.ledger.grant(institution.dataset, job_id) == grant  # the same plan, not a new grant
+    assert list(institution.ledger.grants(institution.dataset)) == [job_id]
+    assert institution.ledger.spent(institution.dataset, job_id) <= grant.granted + 1e-9
+    for bad in ("../../ledger", "job-" + "0" * 200, "7; DROP TABLE releases"):
+        reply = institution.round(hostile_job(slice_labels, model_dir), run_id=103, job_id=bad)
+        assert refusal(reply).reason == m.Reason.BAD_INSTRUCTION and bad not in everything_sent(reply)

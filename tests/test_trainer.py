@@ -3,13 +3,14 @@ import torch
 from client.trainer import train_dp
 from common.accounting import accountant_state, epsilon, plan_noise, restore_accountant
 from common.data import read_records
-from common.model import UpperStack, build_model, encode, trainable_state
+from common.models.encoder import UpperStack, build_model, encode
+from common.models.transport import trainable_state
 
 
 def _setup(model_config, slice_labels, banking_slice):
     model = build_model(model_config, slice_labels, torch.device("cpu"))
     records = read_records(banking_slice[0], "text", "category")
-    features = encode(model, model_config, records.texts)
+    features = encode(model, model_config, records)
     labels = torch.tensor(records.label_ids(slice_labels))
     plan = plan_noise(
         records=len(records), batch_size=64, local_epochs=1.0, rounds=3,

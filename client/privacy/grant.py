@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.privacy.ledger import Grant, PrivacyLedger
-from common.accounting import plan_noise, steps_that_fit
+from common.accounting import expected_batch, plan_noise, steps_that_fit
+from common.config import JobConfig
 from common.messages import Reason, Refused
 
 # A job is declined outright when less than this share of the budget is left: the noise needed
@@ -22,12 +23,29 @@ MIN_GRANT = 0.02
 
 @dataclass(frozen=True)
 class Request:
-    """What a job asks of an institution; every number here is the coordinator's, so only a request."""
+    """What a job asks of an institution; every number here is the coordinator's, so only a request.
+
+    `rounds`: the most rounds the job will ask this institution to take part in, which its noise is
+    planned for; a coordinator that asks for more gets no step past the grant (`allowance`).
+    The expected batch follows the institution's size (`expected_batch`); min_batch = max_batch
+    is a fixed batch."""
 
     epsilon: float
     rounds: int
-    batch_size: int
     local_epochs: float
+    sampling_rate: float
+    min_batch: int
+    max_batch: int
+
+    @classmethod
+    def of(cls, job: JobConfig) -> Request:
+        training = job.training
+        fixed = training.batch_size
+        return cls(job.privacy.target_epsilon, job.federation.rounds_per_institution, training.local_epochs,
+                   1.0 if fixed else training.sampling_rate, fixed or training.min_batch, fixed or training.max_batch)
+
+    def batch_size(self, records: int) -> int:
+        return expected_batch(records, self.sampling_rate, self.min_batch, self.max_batch)
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,8 @@ def grant_for(ledger: PrivacyLedger, dataset: str, job: str, request: Request, r
     granted = min(request.epsilon, left)
     try:
         plan = plan_noise(
-            records=records, batch_size=request.batch_size, local_epochs=request.local_epochs, rounds=request.rounds,
+            records=records, batch_size=request.batch_size(records), local_epochs=request.local_epochs,
+            rounds=request.rounds,
             grant=granted, budget=budget.epsilon, delta=budget.delta, accountant=budget.accountant,
             spent=ledger.history(dataset),
         )

@@ -11,7 +11,9 @@ A data set is named by its operator (`dataset-id`), not by its file's bytes, so 
 never resets what was spent; each release records the SHA-256 of the file it was trained on.
 Epsilon is never stored: it is always the accountant's value over the released history of the
 data set, restored through Opacus' accountant `state_dict`, which names the mechanism it was
-kept under. Only client/privacy/budget.py writes budgets, and only client/privacy/grant.py plans.
+kept under. A job is keyed by fedtune's job id (client/round.py `job_key`), which a job resumed after
+a coordinator crash keeps: its grant and noise plan carry over, and what it released in a round the
+coordinator lost stays counted. Nothing here ever deletes a release. Only client/privacy/budget.py writes budgets, and only client/privacy/grant.py plans.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ A job's numbers come from its run folder: `metrics.json` and `privacy.json` once
 `live.json` (the same shape, rewritten by the ServerApp after every round's evaluation) while it
 runs, and, in a simulation, the institutions' step events in `progress.jsonl`. Its status comes
 from whoever runs it: the simulation itself, or Flower's own record of the run (`flwr ls`) on a
-coordinator, whose `runs.json` says which run folder belongs to which run. Pure functions of those
-files, so they test without a browser or a network.
+coordinator, whose `runs.json` says which run folder belongs to which run; the faults its Fleet port
+turned away come from its SuperLink's `fleet-events.jsonl` (server/fleet_events.py). Pure functions
+of those files, so they test without a browser or a network.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
+from server import fleet_events
 from server.run_folder import LIVE_FILE, METRICS_FILE, PRIVACY_FILE, PROGRESS_FILE
 
 # Flower's run statuses, as the console names them.
@@ -313,6 +315,15 @@ class CoordinatorJobs:
                 status, detail = FINISHED, "(from its run folder; the SuperLink did not answer)"
             else:
                 status, detail = UNKNOWN, "the SuperLink has not answered yet" if not error else error
+            resumed_by = [later for later, other in known.items() if other.get("resumes") == run_id]
+            if resumed_by:  # a coordinator restart interrupted it (server/coordinator.py `resume`)
+                detail = f"interrupted; resumed as run {resumed_by[0]}"
+            elif entry.get("interrupted"):
+                detail = "interrupted by a coordinator restart; not resumed yet"
+            elif entry.get("resumes"):
+                detail = " ".join(filter(None, [detail, f"(resumes run {entry['resumes']} from its checkpoint)"]))
             jobs.append(job_view(run_id, folder, status, detail, entry.get("submitted"), entry.get("rounds")))
-        return {"mode": "coordinator", "jobs": jobs, "nodes": nodes, "nodes_error": error,
+        faults = [dict(asdict(event), sentence=event.sentence())
+                  for event in fleet_events.read(self.coordinator.state / fleet_events.FLEET_EVENTS_FILE, last=20)]
+        return {"mode": "coordinator", "jobs": jobs, "nodes": nodes, "nodes_error": error, "faults": faults,
                 "ended": False}

@@ -164,6 +164,10 @@ function renderJobs() {
     const error = document.getElementById("nodes-error");
     error.hidden = !state.nodes_error;
     error.textContent = state.nodes_error || "";
+    const faults = document.getElementById("faults");
+    faults.replaceChildren(...(state.faults || []).slice().reverse().map((f) => el("li", { dataset: { fault: f.fault } },
+      el("span", { class: "job-line muted" }, f.at), el("span", { class: "job-line" }, f.sentence))));
+    if (!faults.children.length) faults.append(el("li", { class: "muted" }, "none"));
   }
 }
 

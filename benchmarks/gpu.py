@@ -1,0 +1,109 @@
+"""Benchmark for a CUDA machine: the same DP-SGD step of SmolLM2-135M LoRA on the CPU and on the GPU
+(fp32 and bf16 autocast), then a 2-institution simulated job with half a GPU each.
+
+Prints one table (samples/s and peak memory per device and precision) and the job's wall time and
+accuracy. Needs the converted model (scripts/setup_smollm2.py). Not run yet: no CUDA machine was
+available (BENCHMARKS.md). Run by hand:
+
+    .venv/bin/python benchmarks/gpu.py [--batch 64] [--steps 5] [--trainable-layers 30] [--skip-job]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def dp_step_rate(device_name: str, precision: str, args) -> dict:
+    import torch
+
+    from client.trainer import train_dp
+    from common.accounting import NoisePlan, accountant_state, restore_accountant
+    from common.config import DataConfig, ModelConfig
+    from common.data import read_job_records
+    from common.model_files import smollm2_path
+    from common.models import decoder
+
+    device = torch.device(device_name)
+    config = ModelConfig(task="causal_lm", path=str(smollm2_path()), max_length=64,
+                         trainable_layers=args.trainable_layers, lora_rank=16)
+    records = read_job_records(Path("data/banking77_llm/train.csv"), DataConfig())
+    model = decoder.build_model(config, [], device)
+    features = decoder.encode(model, config, records, Path(args.cache))
+    upper = decoder.UpperStack(model, config)
+    rate = 1 / -(-len(features) // args.batch)
+    plan = NoisePlan(noise_multiplier=1.0, sample_rate=rate, batch_size=args.batch, steps_per_round=args.steps + 1,
+                     rounds=1)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def tick(step, total, loss):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_dp(upper, features, torch.zeros(len(features), dtype=torch.long), plan, steps=args.steps + 1,
+             max_grad_norm=1.0, learning_rate=1e-3, adapter_learning_rate=1e-4,
+             accountant=restore_accountant(accountant_state([], "prv"), "prv"), on_step=tick,
+             grad_sample_mode=args.mode, autocast="bf16" if precision == "bf16" else "off")
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"device": device_name, "precision": precision, "samples_per_s": args.batch / statistics.median(times[1:]),
+            "peak_bytes": peak}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--trainable-layers", type=int, default=30, help="30: the whole of SmolLM2 trains")
+    parser.add_argument("--mode", choices=["hooks", "ghost"], default="ghost")
+    parser.add_argument("--skip-job", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("DEVICE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=tempfile.mkdtemp(prefix="fedtune-gpu-bench-"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(dp_step_rate(*args.one, args)))
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py: no CUDA device here")
+    rows = []
+    for device, precision in (("cpu", "fp32"), ("cuda:0", "fp32"), ("cuda:0", "bf16")):
+        command = [sys.executable, __file__, "--one", device, precision, "--cache", args.cache, *sys.argv[1:]]
+        rows.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split("\n")[-2]))
+    print(f"GPU: {torch.cuda.get_device_name(0)}; SmolLM2-135M LoRA r=16, top {args.trainable_layers} layers, "
+          f"DP-SGD ({args.mode}), batch {args.batch}")
+    print("| device | precision | samples/s | x CPU | peak memory |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['device']} | {row['precision']} | {row['samples_per_s']:.1f} | "
+              f"{row['samples_per_s'] / rows[0]['samples_per_s']:.1f} | {row['peak_bytes'] / 2**30:.2f} GiB |")
+    if not args.skip_job:
+        out = Path(tempfile.mkdtemp(prefix="fedtune-gpu-job-")) / "run"
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "simulations.cli", "--config", "data/banking77_llm/demo.toml",
+                        "--institutions", "2", "--device", "cuda", "--gpus-per-institution", "0.5",
+                        "--out", str(out)], check=True)
+        last = json.loads((out / "metrics.json").read_text())["rounds"][-1]
+        print(f"2-institution job, 0.5 GPU each: {time.perf_counter() - started:.0f} s, "
+              f"accuracy {last['accuracy']:.3f}, perplexity {last.get('perplexity', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

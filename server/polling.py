@@ -1,0 +1,51 @@
+"""The coordinator's Grid, waiting for replies on a short, backing-off poll instead of Flower's 3 s.
+
+Flower 1.39's `HttpGrid.send_and_receive` pushes the instructions, then pulls and sleeps 3 s
+until every reply is in or the timeout has passed; a SecAgg+ round makes four such exchanges.
+`PollingGrid` does the same with Flower's public `push_messages` / `pull_messages`, waiting
+`common.polling.Backoff` between pulls (reset whenever a pull brought replies), and never past the
+timeout. With `federation.pace = "flower"` the ServerApp keeps Flower's Grid as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common.config import Pace
+from common.polling import Backoff
+from server.grid_decorator import GridDecorator
+
+
+class PollingGrid(GridDecorator):
+    """Flower's Grid with `send_and_receive` polling on `Backoff`; everything else passes through."""
+
+    def __init__(self, grid: Grid, sleep=time.sleep):
+        super().__init__(grid)
+        self.sleep = sleep
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """As Flower's: the replies that came before `timeout` seconds passed (None: wait for all)."""
+        waiting = set(self.grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        backoff = Backoff()
+        replies: list[Message] = []
+        while timeout is None or time.time() < end:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting:
+                break
+            if pulled:
+                backoff.reset()
+            delay = backoff.next()
+            self.sleep(delay if timeout is None else max(0.0, min(delay, end - time.time())))
+        return replies
+
+
+def waiting_grid(grid: Grid, polling: Pace) -> Grid:
+    """The Grid the workflow waits on: `PollingGrid`, or Flower's own for `polling = "flower"`."""
+    return grid if polling == "flower" else PollingGrid(grid)

@@ -1,0 +1,139 @@
+"""The coordinator dies mid-round and comes back: real processes over TLS, nothing paid twice.
+
+`fedtune-server start` supervises its SuperLink. The test SIGKILLs the SuperLink's whole process
+group (SuperLink, SuperExec, the job's ServerApp) once both institutions have released round 2 of
+2: the supervisor restarts the SuperLink on the same state database and resumes the job from its
+round-1 checkpoint as the same job; the institutions' daemons rejoin by themselves. Every wait has
+a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import psutil
+import pytest
+
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from common.accounting import epsilon
+from deployment_support import approve, cli, start_coordinator, start_institution, tail, write_job
+from server import checkpoint
+from server.cli import main
+from server.coordinator import Coordinator, CoordinatorError
+
+ROUNDS = 2
+BUDGET = 100.0  # deployment_support.TEST_BUDGET
+
+
+def released(ledger: PrivacyLedger, job_id: str) -> list[int]:
+    if not ledger.path.is_file() or not ledger.datasets():
+        return []
+    return [r.round for r in ledger.releases(ledger.datasets()[0].id) if r.job == job_id]
+
+
+def superlink_group(supervisor_pid: int) -> int:
+    """The process group of the SuperLink `fedtune-server start` runs (its own session)."""
+    for child in psutil.Process(supervisor_pid).children():
+        if "server.superlink" in " ".join(child.cmdline()):
+            return os.getpgid(child.pid)
+    raise AssertionError("no SuperLink under the coordinator")
+
+
+def wait(condition, timeout: float, what: str, log) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} after {timeout:.0f} s\n{tail(log)}"
+        time.sleep(0.05)
+
+
+def test_a_coordinator_killed_mid_round_restarts_resumes_and_the_job_finishes_within_budget(
+        processes, certs, data_files, banking_slice, slice_labels, bundle, tmp_path, env):
+    coordinator = start_coordinator(processes, tmp_path / "state", certs, env)
+    ledgers = {}
+    for name, data in data_files.items():
+        folder = processes.folder / name
+        assert cli("client", "keygen", "--out", folder, env=env).returncode == 0
+        assert coordinator.run("admit", folder / "node.pub", "--name", name).returncode == 0
+        approve(bundle, folder / "state", env)
+        start_institution(processes, coordinator, name, data, key=folder / "node.key")
+        ledgers[name] = PrivacyLedger(folder / "state" / LEDGER_FILE)
+    for name in data_files:
+        coordinator.wait_for(name, "online")
+    job_file = write_job(tmp_path / "job.toml", banking_slice[1], slice_labels, federation={"rounds": ROUNDS},
+                         privacy={"target_epsilon": 8.0})
+    out = tmp_path / "run"
+    submitted = coordinator.run("submit", job_file, "--out", out, "--detach")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = re.search(r"submitted run (\d+)", submitted.stdout).group(1)
+    job_id = json.loads((coordinator.state / "runs.json").read_text())[run_id]["job_id"]
+
+    # Mid-round 2: both institutions have released their round-2 updates, the coordinator has not aggregated them.
+    wait(lambda: all(2 in released(ledger, job_id) for ledger in ledgers.values()), 240, "round 2 not released",
+         coordinator.log)
+    assert checkpoint.latest(out).server_round == 1
+    os.killpg(superlink_group(coordinator.process.pid), signal.SIGKILL)
+
+    # The supervisor restarts the SuperLink and resumes the job; the daemons rejoin on their own.
+    runs_file = coordinator.state / "runs.json"
+    wait(lambda: any(entry.get("resumes") == run_id for entry in json.loads(runs_file.read_text()).values()), 180,
+         "the job was not resumed", coordinator.log)
+    resumed = next(rid for rid, entry in json.loads(runs_file.read_text()).items() if entry.get("resumes") == run_id)
+    wait(lambda: (out / "metrics.json").is_file(), 300, "the resumed job did not finish", coordinator.log)
+    log = coordinator.log.read_text()
+    assert "flower-superlink exited" in log and f"resumed as run {resumed}" in log
+    for name in data_files:
+        coordinator.wait_for(name, "online", timeout=60)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(ROUNDS + 1))
+    assert metrics["job_id"] == job_id and [s["after_round"] for s in metrics["sessions"]] == [0, 1]
+    privacy = json.loads((out / "privacy.json").read_text())
+    (lost,) = privacy["lost_rounds"]
+    assert lost["round"] == 2 and lost["asked"] == sorted(data_files)  # both had been asked when it died
+    assert "- Round 2: asked of alpha and beta" in (out / "privacy.md").read_text()
+    assert "lost in the coordinator crash" in (out / "privacy.md").read_text()
+    for name, ledger in ledgers.items():
+        dataset = ledger.datasets()[0]
+        assert list(ledger.grants(dataset.id)) == [job_id]  # one grant, one noise plan across the resume
+        # The lost release stays spent; the resumed round 2 is released again only if the grant still has room.
+        again = [2] if name not in metrics["rounds"][ROUNDS]["declined"] else []
+        assert sorted(released(ledger, job_id)) == [1, 2, *again]
+        history = ledger.history(dataset.id)
+        assert ledger.spent(dataset.id) == epsilon(history, dataset.budget.delta, dataset.budget.accountant) <= BUDGET
+        assert ledger.spent(dataset.id, job_id) <= ledger.grant(dataset.id, job_id).granted + 1e-9
+
+    status = coordinator.run("status")
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line.split()}
+    assert f"resumed as {resumed}" in rows[run_id] and "completed" in rows[resumed] and f"{ROUNDS}/{ROUNDS}" in rows[resumed]
+    exported = coordinator.run("export", resumed, "--to", tmp_path / "copy")
+    assert exported.returncode == 0, exported.stderr
+
+
+def test_export_of_a_job_with_nothing_to_export_says_so_and_fails(tmp_path, monkeypatch, capsys):
+    """The operator's report of a crashed run: `export` copied an empty folder and said it succeeded.
+    Flower's answer (`flwr ls`) is stood in for; the run folder and runs.json are fedtune's own."""
+    coordinator = Coordinator(tmp_path / "state")
+    coordinator.state.mkdir()
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint.claim_run_folder(out, "job-0123456789abcdef", "{}", {"after_round": 0})
+    (coordinator.state / "runs.json").write_text(json.dumps({"7": {"out": str(out), "job_id": "job-0123456789abcdef",
+                                                                    "rounds": 2}}))
+    flower = [{"run-id": 7, "status": "finished:failed"}]
+    monkeypatch.setattr(Coordinator, "flwr", lambda self, *args, **kw: {"runs": flower, "success": True})
+    code = main(["export", "7", "--to", str(tmp_path / "copy"), "--state-dir", str(coordinator.state)])
+    assert code == 1 and not (tmp_path / "copy").exists()
+    assert ("run 7 ended finished:failed after round 0 with no results to export; resume it with "
+            "`fedtune-server resume 7`") in capsys.readouterr().err
+    # A folder another job took over is not this run's to export either.
+    (tmp_path / "other").mkdir()
+    checkpoint.claim_run_folder(tmp_path / "other", "job-fedcba9876543210", "{}", {"after_round": 0})
+    (coordinator.state / "runs.json").write_text(json.dumps({"7": {"out": str(tmp_path / "other"),
+                                                                    "job_id": "job-0123456789abcdef"}}))
+    with pytest.raises(CoordinatorError, match="holds another job's files"):
+        coordinator.export("7", tmp_path / "copy")

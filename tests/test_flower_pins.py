@@ -1,0 +1,82 @@
+"""The Flower internals fedtune's speed-ups rely on, pinned: an upgrade that changes them fails here.
+
+client/supernode.py patches the SuperNode's sleeps; server/polling.py re-implements the Grid's
+`send_and_receive` on its public `push_messages` / `pull_messages`. Both were written against
+flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
+Grid wrapper, and update the digests.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import tomllib
+from importlib.metadata import version
+
+import flwr.supernode.start_client_internal as supernode_internal
+from flwr.serverapp import Grid
+from flwr.superlink.grid.http_grid import HttpGrid
+
+from client import supernode
+from common.config import REPO_ROOT
+from server.polling import PollingGrid
+from server.round_log import RecordingGrid
+
+# What PollingGrid assumes of Flower's Grid: push_messages returns the instructions' ids, each
+# pull_messages returns only replies not returned before (it confirms their receipt), a reply
+# names its instruction in reply_to_message_id, and send_and_receive is push + pull-until-done.
+HTTP_GRID = {
+    "push_messages": "9aa5938ad18d36f91fc788748303da90b37905fe20b8cb89448d86a05d3c53fa",
+    "pull_messages": "67a5266a5a2ed51557437a15ef4c8844f46576bc5bb6b0753d2a2f6230a3aa83",
+    "send_and_receive": "699c9f048f3cff746bf5f743771c17dcbb60cd45b6b778adb5600ffc81ee37b2",
+}
+
+
+def digest(function) -> str:
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+
+def test_the_installed_flower_is_the_one_pinned_in_pyproject_and_patched():
+    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "flwr[simulation]==" + supernode.FLOWER_VERSION in pins
+    assert version("flwr") == supernode.FLOWER_VERSION
+
+
+def test_the_supernode_functions_the_patch_relies_on_are_unchanged():
+    assert {name: digest(getattr(supernode_internal, name)) for name in supernode.PATCHED} == supernode.PATCHED
+    assert supernode.unpatchable(supernode_internal) is None
+
+
+def test_the_supernode_module_uses_time_for_its_three_sleeps_only():
+    """The patch swaps the module's `time`: any other use of it there would be changed too."""
+    tree = ast.parse(inspect.getsource(supernode_internal))
+    uses = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id == "time"]
+    sleeps = sorted(ast.literal_eval(call.args[0]) for call in ast.walk(tree) if isinstance(call, ast.Call)
+                    and isinstance(call.func, ast.Attribute) and call.func in uses)
+    assert [use.attr for use in uses] == ["sleep"] * 3
+    assert sleeps == [supernode.REPLY_SLEEP, supernode.REPLY_SLEEP, supernode.IDLE_SLEEP]
+
+
+def test_the_launcher_refuses_to_patch_another_flower(monkeypatch):
+    monkeypatch.setattr(supernode, "version", lambda _package: "1.40.0")
+    assert "1.40.0" in supernode.unpatchable(supernode_internal)
+
+
+def test_the_launcher_refuses_to_patch_changed_code(monkeypatch):
+    monkeypatch.setitem(supernode.PATCHED, "_push_messages", "0" * 64)
+    assert "_push_messages changed" in supernode.unpatchable(supernode_internal)
+
+
+def test_the_grid_polling_relies_on_is_unchanged():
+    assert {name: digest(getattr(HttpGrid, name)) for name in HTTP_GRID} == HTTP_GRID
+
+
+def test_the_grid_wrappers_forward_every_method_of_flowers_grid():
+    """A method Flower adds to Grid and a wrapper does not forward fails at instantiation, here."""
+    abstract = set(Grid.__abstractmethods__)
+    assert abstract == {"set_run", "run", "create_message", "get_node_ids", "push_messages", "pull_messages",
+                        "send_and_receive"}
+    for wrapper in (PollingGrid, RecordingGrid):
+        assert not wrapper.__abstractmethods__, wrapper

@@ -1,0 +1,41 @@
+"""ClientApps forked warm from the bundle gate (client/warm_start.py): they run the approved
+bundle's code, not the gate's, and show up in `ps` as flwr-clientapp (common/proctitle.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from common.config import REPO_ROOT
+
+
+def test_a_warm_clientapp_imports_fedtune_from_the_bundle_not_from_the_gate(tmp_path: Path):
+    """The gate imported this installation's fedtune code; a ClientApp forked from it must run the
+    approved bundle's, as a fresh process would (client/warm_start.py)."""
+    bundle = tmp_path / "bundle"
+    (bundle / "client").mkdir(parents=True)
+    (bundle / "client" / "__init__.py").write_text("")
+    (bundle / "client" / "app.py").write_text("FROM = 'bundle'\n")
+    script = textwrap.dedent(f"""
+        import sys
+        import client.app, common.config, client.warm_start as warm
+        assert not hasattr(client.app, "FROM")
+        warm.forget_fedtune_modules()
+        assert not [name for name in sys.modules if name.partition(".")[0] in warm.FEDTUNE_PACKAGES]
+        assert "pydantic" in sys.modules  # third-party libraries stay loaded
+        sys.path.insert(0, {str(bundle)!r})  # what Flower does with the installed bundle
+        import client.app
+        print(client.app.FROM)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "bundle", result.stderr
+
+
+def test_a_process_shows_the_command_line_it_is_given():
+    script = ("import os, sys; from common.proctitle import set_command_line; "
+              "assert set_command_line(['flwr-clientapp', '--token-file', 'F']); "
+              "print(open(f'/proc/{os.getpid()}/cmdline', 'rb').read().rstrip(bytes(1)).split(bytes(1)))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[b'flwr-clientapp', b'--token-file', b'F']", result.stderr
