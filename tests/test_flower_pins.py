@@ -80,3 +80,17 @@ def test_the_grid_wrappers_forward_every_method_of_flowers_grid():
                         "send_and_receive"}
     for wrapper in (PollingGrid, RecordingGrid):
         assert not wrapper.__abstractmethods__, wrapper
+
+
+def test_the_fleet_server_is_built_with_the_node_auth_interceptor_the_superlink_replaces():
+    """server/superlink.py records refused keys by replacing `NodeAuthServerInterceptor` in the module
+    whose lifespan builds the Fleet server; that only works while the lifespan looks it up there."""
+    import sys
+
+    from flwr.superlink.cli.flower_superlink import SuperLinkLifespan
+
+    from server.superlink import KeyRefusalsRecorded
+
+    module = sys.modules[SuperLinkLifespan.__module__]
+    assert "NodeAuthServerInterceptor(self.state_factory)" in inspect.getsource(SuperLinkLifespan._start_legacy_fleet_grpc_rere)
+    assert issubclass(KeyRefusalsRecorded, module.NodeAuthServerInterceptor)
