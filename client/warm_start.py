@@ -2,7 +2,8 @@
 
 Flower starts a fresh `flwr-clientapp` process for every message, and the one that trains spends
 seconds importing torch, transformers, peft and Opacus before it reads a record (BENCHMARKS.md),
-every round. `WarmExecutor` imports them once, in the gate, in the background, and starts each
+every round. `WarmExecutor` imports them once, in the gate, in the background (with the code of the
+node's pinned model, which transformers would import lazily in each process), and starts each
 ClientApp as a fork of the gate that runs Flower's own `flwr-clientapp` entry point with the
 command line it would have had (and shows it, common/proctitle.py). Each message still gets its own
 process, a child of the gate as before (its token file, its exit report, its process group unchanged).
@@ -16,6 +17,7 @@ import has finished (and for `pace = "flower"`), ClientApps start cold, as Flowe
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import signal
@@ -24,14 +26,15 @@ import threading
 import traceback
 from pathlib import Path
 
+from common.models.kinds import KINDS
 from common.processes import flower_executable
 from common.proctitle import set_command_line
 from common.superexec import TokenFileExecutor
 
 FEDTUNE_PACKAGES = frozenset({"client", "common", "server", "simulations"})
-# Flower's ClientApp entry point, and what the training message imports at module level: the
-# third-party libraries these pull in stay loaded.
-PRELOAD = ("flwr.supernode.cli", "client.round")
+# Flower's ClientApp entry point, what the training message imports at module level, and each
+# model kind (peft, transformers' model classes): the third-party libraries these pull in stay loaded.
+PRELOAD = ("flwr.supernode.cli", "client.round", *KINDS.values())
 
 
 def forget_fedtune_modules() -> None:
@@ -41,10 +44,18 @@ def forget_fedtune_modules() -> None:
     importlib.invalidate_caches()
 
 
-def _preload() -> None:
+def _preload(model_dir: Path | None) -> None:
     try:
         for name in PRELOAD:
             importlib.import_module(name)
+        if model_dir is not None:
+            from common.models.loading import import_model_code  # pylint: disable=import-outside-toplevel
+
+            import_model_code(str(model_dir))
+        # What is loaded now lives as long as the gate: out of the collector's sight, so that a
+        # child's collections never write to (and so copy) the pages it shares with the gate.
+        gc.collect()
+        gc.freeze()
     except Exception:  # noqa: BLE001 - ClientApps then start cold; the reason goes to the node's log
         print(f"fedtune-client: bundle gate: ClientApps start cold: preloading failed:\n{traceback.format_exc()}",
               file=sys.stderr, flush=True)
@@ -53,9 +64,9 @@ def _preload() -> None:
 class WarmExecutor(TokenFileExecutor):
     """A TokenFileExecutor that forks each ClientApp from this (preloaded) process once it can."""
 
-    def __init__(self, token_dir: Path):
+    def __init__(self, token_dir: Path, model_dir: Path | None = None):
         super().__init__(token_dir)
-        self.loader = threading.Thread(target=_preload, name="preload", daemon=True)
+        self.loader = threading.Thread(target=_preload, args=(model_dir,), name="preload", daemon=True)
         self.loader.start()
 
     def start(self, args: list[str], quiet: bool) -> int:

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from common.data import Records, read_records
-from common.models.encoder import UpperStack, build_model, encode
+from common.models.encoder import UpperStack, build_model, encode, evaluate
 from common.models.export import load_saved_model, save_model
 from common.models.loading import load_tokenizer, model_path
 from common.models.transport import count_parameters, load_trainable_state, trainable_state
@@ -76,6 +76,40 @@ def test_feature_cache_is_reused_and_keyed_by_text(model_config, slice_labels, t
     assert torch.equal(first.values, again.values)
     encode(model, model_config, records("something else"), tmp_path)
     assert len(list((tmp_path / "features").iterdir())) == 2
+
+
+def test_feature_cache_is_not_reused_when_the_model_files_change_in_the_same_folder(model_config, slice_labels,
+                                                                                  tmp_path):
+    """Regression: the cache was keyed by the model's folder, not its files, so weights replaced in
+    place (a re-pinned model at the same path) reused the old model's features."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_path(model_config), folder)
+    config = model_config.model_copy(update={"path": str(folder)})
+    records = Records(Path("x.csv"), ["a card question", "a transfer question"], ["card"] * 2)
+    before = encode(build_model(config, slice_labels, CPU), config, records, tmp_path / "cache")
+    replaced = AutoModel.from_pretrained(folder)
+    with torch.no_grad():
+        for weight in replaced.parameters():
+            weight.mul_(1.5)
+    replaced.save_pretrained(folder)
+    after = encode(build_model(config, slice_labels, CPU), config, records, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 2
+    assert not torch.allclose(before.values, after.values)
+
+
+def test_evaluation_in_length_sorted_batches_counts_every_record_once(model_config, slice_labels, banking_slice):
+    """Evaluation batches records of similar length (less padding); the result is the per-record one."""
+    model = _perturbed(build_model(model_config, slice_labels, CPU))
+    records = read_records(banking_slice[1], "text", "category")
+    features = encode(model, model_config, records)
+    order = torch.cat(list(features.in_batches(7)))
+    assert sorted(order.tolist()) == list(range(len(records)))
+    assert features.lengths[order].tolist() == sorted(features.lengths.tolist())
+    labels = torch.tensor(records.label_ids(slice_labels))
+    upper = UpperStack(model, model_config)
+    batched, one_by_one = evaluate(upper, features, labels, batch_size=7), evaluate(upper, features, labels, batch_size=1)
+    assert batched["accuracy"] == one_by_one["accuracy"]
+    assert abs(batched["loss"] - one_by_one["loss"]) < 1e-5
 
 
 def test_exported_model_loads_with_peft_and_predicts_the_same(model_config, slice_labels, tmp_path):

@@ -39,3 +39,22 @@ def test_a_process_shows_the_command_line_it_is_given():
               "print(open(f'/proc/{os.getpid()}/cmdline', 'rb').read().rstrip(bytes(1)).split(bytes(1)))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[b'flwr-clientapp', b'--token-file', b'F']", result.stderr
+
+
+def test_the_gate_preloads_the_model_kinds_and_its_pinned_models_code_then_freezes_them(tmp_path: Path):
+    """What every training message would otherwise import (peft: seconds; transformers imports a
+    model's `modeling_*` lazily) is loaded once, and kept out of the collector's sight so that a
+    fork's collections do not copy the gate's pages."""
+    script = textwrap.dedent(f"""
+        import gc, sys
+        from pathlib import Path
+        from client.warm_start import WarmExecutor
+        from common.model_files import default_model_path
+        assert "peft" not in sys.modules
+        executor = WarmExecutor(Path({str(tmp_path)!r}), Path(default_model_path("classification")))
+        executor.loader.join(timeout=300)
+        print(not executor.loader.is_alive(), "peft" in sys.modules,
+              "transformers.models.bert.modeling_bert" in sys.modules, gc.get_freeze_count() > 0)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=360)
+    assert result.stdout.split() == ["True"] * 4, result.stderr

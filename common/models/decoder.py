@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from common.config import ModelConfig
 from common.data import Records
-from common.model_files import ModelError
+from common.model_files import ModelError, model_digest
 from common.models.features import IGNORE, Features, cached, features_key, frozen_features
 from common.models.loading import load_tokenizer, model_path
 
@@ -153,12 +153,12 @@ def _frozen_forward(model: CausalLM, frozen: int, ids: torch.Tensor, mask: torch
 
 
 def encode(model: CausalLM, config: ModelConfig, records: Records, cache_dir: Path | None = None) -> Features:
-    """The frozen layers over every record's prompt and response, with the response targets;
-    cached by model, length limit, split point and the tokens themselves."""
+    """The frozen layers over every record's prompt and response, with the response targets; cached
+    by model (its folder and the digest of its files), length limit, split point and the tokens."""
     tokenizer = load_tokenizer(model_path(config))
     ids, targets = tokenize(tokenizer, config, records)
     frozen = _frozen_count(model, config)
-    settings = f"decoder|{model_path(config)}|{config.max_length}|{frozen}"
+    settings = f"decoder|{model_path(config)}|{model_digest(model_path(config))}|{config.max_length}|{frozen}"
 
     def compute() -> Features:
         was_training = model.training
@@ -243,8 +243,7 @@ def evaluate(upper: UpperStack, features: Features, labels=None, records: Record
     device = next(upper.parameters()).device
     upper.eval()
     loss_sum, tokens, correct = 0.0, 0, 0
-    for start in range(0, len(features), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(features)))
+    for rows in features.in_batches(batch_size):
         losses, record, hit = upper.token_losses(*features.batch(rows, device))
         loss_sum += float(losses.sum())
         tokens += len(losses)

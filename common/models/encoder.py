@@ -9,7 +9,6 @@ feed-forward output projection only, and `top_layers`, `lora_targets` in the top
 
 from __future__ import annotations
 
-import copy
 import functools
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from common.config import ModelConfig
 from common.data import Records
-from common.model_files import ModelError
+from common.model_files import ModelError, model_digest
 from common.models.features import Features, cached, features_key, frozen_features
 from common.models.loading import load_tokenizer, model_path
 
@@ -34,8 +33,9 @@ def _check_encoder(backbone: PreTrainedModel) -> None:
         )
 
 
-@functools.lru_cache(maxsize=4)
 def _load_backbone(path: str) -> PreTrainedModel:
+    """A fresh copy from disk each time: loading (memory-mapped safetensors) is faster than
+    deep-copying a cached one, and each model gets adapters injected into its own copy."""
     try:
         backbone = AutoModel.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -74,7 +74,7 @@ class TextClassifier(nn.Module):
 def build_model(config: ModelConfig, labels: list[str], device: torch.device, seed: int = 0) -> TextClassifier:
     """A fresh LoRA classifier; the same seed gives the same initial weights on every party."""
     path = model_path(config)
-    backbone = copy.deepcopy(_load_backbone(path))
+    backbone = _load_backbone(path)
     layers = len(backbone.encoder.layer)
     if config.trainable_layers > layers:
         raise ModelError(f"model.trainable_layers={config.trainable_layers} but {path} has {layers} layers")
@@ -127,9 +127,10 @@ def _frozen_forward(model: TextClassifier, config: ModelConfig, ids: torch.Tenso
 
 
 def encode(model: TextClassifier, config: ModelConfig, records: Records, cache_dir: Path | None = None) -> Features:
-    """The frozen part of the model over the records' texts, cached by model, length limit,
-    split point and the texts themselves."""
-    settings = f"encoder|{model_path(config)}|{config.max_length}|{config.adapt}|{config.trainable_layers}"
+    """The frozen part of the model over the records' texts, cached by model (its folder and the
+    digest of its files), length limit, split point and the texts themselves."""
+    settings = (f"encoder|{model_path(config)}|{model_digest(model_path(config))}|{config.max_length}|{config.adapt}|"
+                f"{config.trainable_layers}")
 
     def compute() -> Features:
         tokens = load_tokenizer(model_path(config))(records.texts, truncation=True, max_length=config.max_length)
@@ -208,8 +209,7 @@ def evaluate(upper: UpperStack, features: Features, labels: torch.Tensor, record
     device = next(upper.parameters()).device
     upper.eval()
     correct, loss_sum = 0, 0.0
-    for start in range(0, len(features), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(features)))
+    for rows in features.in_batches(batch_size):
         logits = upper.logits(*features.batch(rows, device))
         target = labels[rows].to(device)
         loss_sum += float(nn.functional.cross_entropy(logits, target, reduction="sum"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,12 @@ class Features:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def in_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Every row once, in batches of similar length: each batch pads only to its own longest
+        record (evaluation; sums over records do not depend on the order)."""
+        order = torch.argsort(self.lengths, stable=True)
+        yield from torch.split(order, batch_size)
 
     def batch(self, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(hidden [records, tokens, width], mask [records, tokens][, targets [records, tokens]]) for `rows`."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from common.config import ModelConfig
 from common.model_files import default_model_path
@@ -17,3 +18,10 @@ def model_path(config: ModelConfig) -> str:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def import_model_code(path: str) -> None:
+    """Import the transformers module of the model in `path` (e.g. `modeling_bert`), which
+    transformers otherwise imports lazily, seconds into the first model load of a process."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
