@@ -4,16 +4,22 @@ Flower 1.39 waits a fixed 3 s between pulls on both sides of every exchange (the
 Grid, the institution's SuperNode), and a SuperExec 1 s between task claims; a SecAgg+ round
 is four exchanges, so a round idled for seconds on sleeps alone. Here the first retry after
 activity comes after `FIRST_DELAY` and each further one waits `FACTOR` times longer, up to
-`MAX_DELAY`: an answer that is already on its way is picked up within a tenth of a second, and a
-long wait (an institution training) costs about one request a second.
+`BUSY_DELAY` while the last activity is less than `BUSY_SECONDS` old (the next exchange of a
+round is usually that close, and three pollers stand between a reply and the next instruction),
+then up to `MAX_DELAY`: an answer that is already on its way is picked up within a fifth of a
+second, and a long wait (an institution training) costs about one request a second.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 FIRST_DELAY = 0.05
 FACTOR = 1.5
+BUSY_DELAY = 0.2
+BUSY_SECONDS = 10.0
 MAX_DELAY = 1.0
 
 
@@ -24,11 +30,16 @@ class Backoff:
     first: float = FIRST_DELAY
     factor: float = FACTOR
     cap: float = MAX_DELAY
+    busy_cap: float = BUSY_DELAY
+    busy_for: float = BUSY_SECONDS
+    clock: Callable[[], float] = time.monotonic
     _delay: float = field(default=0.0, init=False)
+    _since: float = field(default=float("-inf"), init=False)  # the last activity: none yet
 
     def reset(self) -> None:
-        self._delay = 0.0
+        self._delay, self._since = 0.0, self.clock()
 
     def next(self) -> float:
-        self._delay = self.first if self._delay == 0.0 else min(self._delay * self.factor, self.cap)
+        cap = self.busy_cap if self.clock() - self._since < self.busy_for else self.cap
+        self._delay = self.first if self._delay == 0.0 else min(self._delay * self.factor, cap)
         return self._delay

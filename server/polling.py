@@ -32,6 +32,7 @@ class PollingGrid(GridDecorator):
         waiting = set(self.grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         backoff = Backoff()
+        backoff.reset()  # the push is the activity: replies to light exchanges come within a second
         replies: list[Message] = []
         while timeout is None or time.time() < end:
             pulled = list(self.grid.pull_messages(waiting))

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client import supernode
 from client.daemon import NodeSettings, gate_command, supernode_command
 from common.config import DEFAULT_PACE, JobConfig
-from common.polling import FACTOR, FIRST_DELAY, MAX_DELAY, Backoff
+from common.polling import BUSY_DELAY, BUSY_SECONDS, FACTOR, FIRST_DELAY, MAX_DELAY, Backoff
 from server.polling import PollingGrid, waiting_grid
 from server.round_log import RecordingGrid, RoundLog
 
@@ -55,11 +55,16 @@ def instruction(node: int) -> Message:
 
 
 def test_backoff_starts_short_grows_to_its_cap_and_starts_over_after_activity():
-    backoff = Backoff()
+    now = [100.0]
+    backoff = Backoff(clock=lambda: now[0])
     delays = [backoff.next() for _ in range(20)]
     assert delays[0] == FIRST_DELAY and delays == sorted(delays) and delays[-1] == MAX_DELAY
     backoff.reset()
     assert backoff.next() == FIRST_DELAY
+    busy = [backoff.next() for _ in range(20)]  # soon after activity: the next exchange is near
+    assert busy == sorted(busy) and busy[-1] == BUSY_DELAY < MAX_DELAY
+    now[0] += BUSY_SECONDS
+    assert [backoff.next() for _ in range(20)][-1] == MAX_DELAY  # idle a while: about one poll a second
 
 
 def test_replies_are_picked_up_soon_after_they_arrive_and_the_timeout_still_ends_the_wait():
@@ -96,7 +101,9 @@ def test_the_flower_switch_restores_flowers_waits_on_both_sides(tmp_path: Path):
 
     assert Path(supernode_command(node("flower"))[0]).name == "flower-supernode"
     assert supernode_command(node("fast"))[1:3] == ["-m", "client.supernode"]
-    assert gate_command(node("flower"), 1)[-2:] == ["--pace", "flower"]
+    gate = gate_command(node("flower"), 1)
+    assert gate[gate.index("--pace") + 1] == "flower"
+    assert gate[gate.index("--model-dir") + 1] == str(tmp_path)  # whose code warm ClientApps find loaded
 
 
 def test_the_patched_supernode_polls_soon_after_a_message_and_backs_off_while_idle():
