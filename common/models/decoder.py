@@ -12,16 +12,21 @@ every prompt token. What travels is the LoRA A/B; the base model never does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
 import string
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from common.config import ModelConfig
 from common.data import Records
@@ -194,6 +199,25 @@ class UpperStack(nn.Module):
         self.view = view
         object.__setattr__(self, "top", top)  # reached through the view only
         self.lm_head = model.causal.get_output_embeddings()
+
+    @contextlib.contextmanager
+    def checkpointed(self, recomputing: AbstractContextManager) -> Iterator[None]:
+        """Gradient checkpointing of the adapted layers while open: each keeps only its input and
+        recomputes the rest in the backward pass. Torch's non-reentrant checkpoint, inside the
+        layer's `forward` (transformers keeps module hooks outside it); each recomputation runs
+        in `recomputing`, where Opacus must not capture the adapters' inputs a second time. It is
+        entered once per backward pass (ghost clipping has two), so it must be reusable."""
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in self.top):
+            raise ModelError(f"training.gradient_checkpointing: {type(self.top[0]).__name__} layers cannot checkpoint")
+        run = functools.partial(checkpoint, use_reentrant=False,
+                                context_fn=lambda: (contextlib.nullcontext(), recomputing))
+        for layer in self.top:
+            layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, run
+        try:
+            yield
+        finally:
+            for layer in self.top:
+                layer.gradient_checkpointing = False
 
     def hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The final norm's output for cached hidden states."""
