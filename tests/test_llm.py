@@ -342,7 +342,7 @@ def test_chat_records_as_trl_takes_them_and_one_line_errors(tmp_path, tiny_llama
     path.write_text(json.dumps({"messages": chats[1][:1]}) + "\n" + json.dumps({"messages": chats[0][:2]}) + "\n")
     with pytest.raises(DataError, match=rf"^{path}: row 1: column 'messages' is not a list of 2 or more messages$"):
         read_job_records(path, DataConfig(messages_column="messages"))
-    path.write_text(json.dumps({"messages": chats[0][:2]}) + "\n")
+    path.write_text(json.dumps({"messages": [*chats[1], {"role": "user", "content": "thanks"}]}) + "\n")
     with pytest.raises(DataError, match=rf"^{path}: row 1: the last message's role is 'user', not 'assistant'$"):
         read_job_records(path, DataConfig(messages_column="messages"))
 
@@ -411,3 +411,49 @@ def test_gradient_checkpointing_is_refused_for_the_encoder_with_the_flag_named()
 
     with pytest.raises(ValueError, match="training.gradient_checkpointing needs model.task = 'causal_lm'"):
         load_config(overrides={"training.gradient_checkpointing": True})
+
+
+def test_every_assistant_turn_of_a_chat_trains_and_no_other(tmp_path, tiny_llama):
+    """Against a mask built by hand: the earlier assistant turn's words and the end token its template
+    closes it with train, as does the final response; the system and user words never do."""
+    from common.config import DataConfig
+    from common.data import read_job_records
+
+    path = tmp_path / "chats.jsonl"
+    chat = [{"role": "system", "content": "question"}, {"role": "user", "content": "where is my card"},
+            {"role": "assistant", "content": "card_arrival"}, {"role": "user", "content": "exchange"},
+            {"role": "assistant", "content": "exchange_rate"}]
+    path.write_text(json.dumps({"messages": chat}) + "\n", encoding="utf-8")
+    records = read_job_records(path, DataConfig(messages_column="messages"))
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} "
+                               "{% if m['role'] == 'assistant' %}[EOS] {% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ids, targets = tokenize(tokenizer, _config(tiny_llama), records)
+    words = ("< system > question < user > where is my card < assistant > card_arrival [EOS] "
+             "< user > exchange < assistant > exchange_rate [EOS]").split()
+    assert ids[0] == tokenizer.convert_tokens_to_ids(words)
+    trained = {words.index("card_arrival"), words.index("[EOS]"), len(words) - 2, len(words) - 1}
+    assert targets[0] == [ids[0][j + 1] if j + 1 in trained else IGNORE for j in range(len(words))]
+    without = tokenize(tokenizer, _config(tiny_llama, chat_template=False), records)  # turns joined by lines
+    plain = tokenizer("question\nwhere is my card\ncard_arrival\nexchange")["input_ids"]
+    assert without[0][0][: len(plain)] == plain
+    assert [t for t in without[1][0] if t != IGNORE] == tokenizer.convert_tokens_to_ids(
+        ["card_arrival", "exchange_rate", "[EOS]"])
+
+
+@pytest.mark.parametrize("messages,error", [
+    ({"role": "user", "content": "x"}, "column 'messages' is not a list of 2 or more messages"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "no 'assistant' message: nothing to train on"),
+    ([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}],
+     "message 2 has role 'robot', not one of system, user, assistant"),
+])
+def test_a_malformed_chat_row_is_one_line_naming_file_and_row(tmp_path, messages, error):
+    from common.config import DataConfig
+    from common.data import DataError, read_job_records
+
+    path = tmp_path / "chats.jsonl"
+    good = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    path.write_text(json.dumps({"messages": good}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}: row 2: {error}$"):
+        read_job_records(path, DataConfig(messages_column="messages"))
