@@ -107,13 +107,6 @@ def build_model(config: ModelConfig, labels: list[str], device: torch.device, se
         return CausalLM(get_peft_model(base, lora)).to(device)
 
 
-def _turns(config: ModelConfig, records: Records, i: int) -> tuple[tuple[str, str], ...]:
-    turns = records.prompt(i)
-    if config.system_prompt and turns[0][0] != "system":
-        turns = (("system", config.system_prompt), *turns)
-    return turns
-
-
 def _render(tokenizer, turns, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in turns],
                                          tokenize=False, add_generation_prompt=generation_prompt)
@@ -132,6 +125,8 @@ def _prompt_text(tokenizer, config: ModelConfig, turns) -> tuple[str, list[tuple
                 spans.append((at, at + len(content)))
             at += len(content) + 1
         return text, spans
+    if config.system_prompt and turns[0][0] != "system":
+        turns = (("system", config.system_prompt), *turns)
     text, spans = _render(tokenizer, turns, True), []
     for k, (role, content) in enumerate(turns):
         if role == "assistant":
@@ -148,7 +143,7 @@ def prompt_tokens(tokenizer, config: ModelConfig, records: Records, i: int) -> t
     """Record i's prompt as tokens (in the model's chat template when it has one and the job wants
     it), and the positions of the tokens that train in it: each earlier assistant turn's content
     and, where the template ends the turn with it, the end-of-sequence token right after."""
-    text, spans = _prompt_text(tokenizer, config, _turns(config, records, i))
+    text, spans = _prompt_text(tokenizer, config, records.prompt(i))
     special = not _templated(tokenizer, config)
     if not spans:  # offsets need a fast tokenizer: asked for only where a turn is to be found
         return tokenizer(text, add_special_tokens=special)["input_ids"], []
