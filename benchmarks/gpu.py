@@ -1,11 +1,14 @@
 """Benchmark for a CUDA machine: the same DP-SGD step of SmolLM2-135M LoRA on the CPU and on the GPU
 (fp32 and bf16 autocast), then a 2-institution simulated job with half a GPU each.
 
-Prints one table (samples/s and peak memory per device and precision) and the job's wall time and
-accuracy. Needs the converted model (scripts/setup_smollm2.py). Not run yet: no CUDA machine was
-available (BENCHMARKS.md). Run by hand:
+Prints one table (samples/s and peak memory per device and precision, bf16 with gradient
+checkpointing too) and the job's wall time and accuracy. Needs the converted model
+(scripts/setup_smollm2.py). Not run yet: no CUDA machine was available (BENCHMARKS.md). Run by hand:
 
     .venv/bin/python benchmarks/gpu.py [--batch 64] [--steps 5] [--trainable-layers 30] [--skip-job]
+
+`--compare-checkpointing DEVICE` (cpu too) prints only the same step with and without
+`training.gradient_checkpointing`, each in a fresh process (the CPU's peak memory is the process's).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def dp_step_rate(device_name: str, precision: str, args) -> dict:
+def dp_step_rate(device_name: str, precision: str, checkpointing: bool, args) -> dict:
     import torch
 
     from client.trainer import train_dp
@@ -58,11 +61,35 @@ def dp_step_rate(device_name: str, precision: str, args) -> dict:
     train_dp(upper, features, torch.zeros(len(features), dtype=torch.long), plan, steps=args.steps + 1,
              max_grad_norm=1.0, learning_rate=1e-3, adapter_learning_rate=1e-4,
              accountant=restore_accountant(accountant_state([], "prv"), "prv"), on_step=tick,
-             grad_sample_mode=args.mode, autocast="bf16" if precision == "bf16" else "off")
+             grad_sample_mode=args.mode, autocast="bf16" if precision == "bf16" else "off",
+             gradient_checkpointing=checkpointing)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"device": device_name, "precision": precision, "samples_per_s": args.batch / statistics.median(times[1:]),
+    return {"device": device_name, "precision": precision, "checkpointing": checkpointing,
+            "step_s": statistics.median(times[1:]), "samples_per_s": args.batch / statistics.median(times[1:]),
             "peak_bytes": peak}
+
+
+def in_fresh_process(device: str, precision: str, checkpointing: bool, args) -> dict:
+    command = [sys.executable, __file__, "--one", device, precision, str(int(checkpointing)), "--cache", args.cache,
+               *sys.argv[1:]]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split("\n")[-2])
+
+
+def compare_checkpointing(device: str, args) -> None:
+    import os
+
+    loaded = os.getloadavg()[0]
+    rows = [in_fresh_process(device, "fp32", checkpointing, args) for checkpointing in (False, True)]
+    print(f"SmolLM2-135M LoRA r=16, top {args.trainable_layers} layers, DP-SGD ({args.mode}), batch {args.batch}, "
+          f"{device}; median of {args.steps} steps after the first; load average {loaded:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end")
+    print("| gradient checkpointing | s per step | samples/s | peak memory |\n|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {'on' if row['checkpointing'] else 'off'} | {row['step_s']:.2f} | {row['samples_per_s']:.1f} | "
+              f"{row['peak_bytes'] / 2**30:.2f} GiB |")
+    print(f"checkpointing / plain: time {rows[1]['step_s'] / rows[0]['step_s']:.2f}x, "
+          f"peak memory {rows[1]['peak_bytes'] / rows[0]['peak_bytes']:.2f}x")
 
 
 def main() -> int:
@@ -72,26 +99,29 @@ def main() -> int:
     parser.add_argument("--trainable-layers", type=int, default=30, help="30: the whole of SmolLM2 trains")
     parser.add_argument("--mode", choices=["hooks", "ghost"], default="ghost")
     parser.add_argument("--skip-job", action="store_true")
-    parser.add_argument("--one", nargs=2, metavar=("DEVICE", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--compare-checkpointing", metavar="DEVICE")
+    parser.add_argument("--one", nargs=3, metavar=("DEVICE", "PRECISION", "CHECKPOINTING"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", default=tempfile.mkdtemp(prefix="fedtune-gpu-bench-"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(dp_step_rate(*args.one, args)))
+        print(json.dumps(dp_step_rate(args.one[0], args.one[1], args.one[2] == "1", args)))
+        return 0
+    if args.compare_checkpointing:
+        compare_checkpointing(args.compare_checkpointing, args)
         return 0
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py: no CUDA device here")
-    rows = []
-    for device, precision in (("cpu", "fp32"), ("cuda:0", "fp32"), ("cuda:0", "bf16")):
-        command = [sys.executable, __file__, "--one", device, precision, "--cache", args.cache, *sys.argv[1:]]
-        rows.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split("\n")[-2]))
+    rows = [in_fresh_process(*row, args) for row in
+            (("cpu", "fp32", False), ("cuda:0", "fp32", False), ("cuda:0", "bf16", False), ("cuda:0", "bf16", True))]
     print(f"GPU: {torch.cuda.get_device_name(0)}; SmolLM2-135M LoRA r=16, top {args.trainable_layers} layers, "
           f"DP-SGD ({args.mode}), batch {args.batch}")
-    print("| device | precision | samples/s | x CPU | peak memory |")
-    print("|---|---|---:|---:|---:|")
+    print("| device | precision | gradient checkpointing | samples/s | x CPU | peak memory |")
+    print("|---|---|---|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['device']} | {row['precision']} | {row['samples_per_s']:.1f} | "
+        print(f"| {row['device']} | {row['precision']} | {'on' if row['checkpointing'] else 'off'} | "
+              f"{row['samples_per_s']:.1f} | "
               f"{row['samples_per_s'] / rows[0]['samples_per_s']:.1f} | {row['peak_bytes'] / 2**30:.2f} GiB |")
     if not args.skip_job:
         out = Path(tempfile.mkdtemp(prefix="fedtune-gpu-job-")) / "run"

@@ -140,6 +140,7 @@ def train_round(msg: Message, context: Context) -> Message:
         grad_sample_mode=job.training.grad_sample_mode,
         physical_batch=job.training.physical_batch,
         autocast=job.training.autocast,
+        gradient_checkpointing=job.training.gradient_checkpointing,
         on_step=lambda step, total, loss: emit(
             round=server_round, institution=local.name, step=step, steps=total, loss=loss
         ),

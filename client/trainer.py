@@ -67,12 +67,14 @@ def train_dp(
     grad_sample_mode: str = "hooks",
     physical_batch: int | None = None,
     autocast: str = "off",
+    gradient_checkpointing: bool = False,
 ) -> LocalResult:
     """Run `steps` DP-SGD steps of `plan`'s mechanism; return the accountant's history after them.
 
     `upper(*features.batch(rows), labels[rows])` gives each record's loss (its kind's UpperStack):
     Opacus clips each record's gradient of it. `grad_sample_mode`: Opacus' 'hooks' (per-record
     gradients) or 'ghost' (per-record gradient norms only, two backward passes).
+    `gradient_checkpointing`: `upper.checkpointed` (a decoder's UpperStack) while training.
     """
     device = next(upper.parameters()).device
     generator = _secret_generator(torch.device("cpu"))
@@ -105,6 +107,9 @@ def train_dp(
     module.train()
     losses: list[float] = []
     batches = _physical_batches(loader, optimizer, physical_batch)
+    stack = contextlib.ExitStack()
+    if gradient_checkpointing:
+        stack.enter_context(upper.checkpointed(HooksPaused(module)))
     try:
         for step in range(1, steps + 1):
             loss_sum, records = 0.0, 0
@@ -130,11 +135,28 @@ def train_dp(
             if on_step is not None:
                 on_step(step, steps, losses[-1] if losses else float("nan"))
     finally:
+        stack.close()
         module._close()
     return LocalResult(
         history=compact(engine.accountant.history),
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
     )
+
+
+class HooksPaused:
+    """Opacus' hooks off while a checkpointed layer is recomputed in the backward pass: they would
+    capture each adapter's input a second time, and Opacus would pair the wrong inputs with the
+    backward's gradients (and never complete a per-record gradient). Reusable: entered at every
+    recomputation."""
+
+    def __init__(self, module):
+        self.module, self.enabled = module, True
+
+    def __enter__(self) -> None:
+        self.enabled, self.module.hooks_enabled = self.module.hooks_enabled, False
+
+    def __exit__(self, *exc) -> None:
+        self.module.hooks_enabled = self.enabled
 
 
 def _autocast(device: torch.device, precision: str):

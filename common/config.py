@@ -283,6 +283,12 @@ class TrainingConfig(_Section):
         None, ge=1, description="Most records one forward/backward pass holds (Opacus' BatchMemoryManager): a "
         "larger Poisson batch is split and its clipped gradients accumulated, noised once. Unset: no split.",
     )
+    gradient_checkpointing: bool = Field(
+        False, description="task 'causal_lm': recompute each adapted layer's activations in the backward pass "
+        "instead of keeping them (torch's non-reentrant checkpoint; the same gradients). It trades a second "
+        "forward through those layers for memory: worth it on a GPU whose memory caps the physical batch, a cost "
+        "on the CPU, where memory is rarely the limit (BENCHMARKS.md). Opacus still keeps each adapter's input.",
+    )
     threads: int = Field(0, ge=0, description="Torch CPU threads per institution; 0 = leave torch's default.")
 
 
@@ -317,6 +323,9 @@ class JobConfig(_Section):
             raise ValueError("secure_aggregation needs at least 2 institutions per round: the sum of one is its update")
         if self.training.min_batch > self.training.max_batch:
             raise ValueError("training.min_batch must not exceed training.max_batch")
+        if self.training.gradient_checkpointing and self.model.task != "causal_lm":
+            raise ValueError("training.gradient_checkpointing needs model.task = 'causal_lm': it checkpoints a "
+                             "decoder's adapted layers")
         return self
 
     def to_json(self) -> str:

@@ -23,6 +23,7 @@ class DataError(ValueError):
 
 
 Turn = tuple[str, str]  # (role, content) of one chat message
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ def read_job_records(path: Path, data: DataConfig) -> Records:
 
 def read_chats(path: Path, column: str) -> Records:
     """JSONL records holding a chat `messages` list as TRL takes it: the last message, the
-    assistant's, is the response; the messages before it are the prompt."""
+    assistant's, is the response; the messages before it are the prompt, and every assistant
+    message among them trains too (common/models/decoder.py)."""
     path = Path(path)
     if SUFFIXES.get(path.suffix.lower(), ",") is not None:
         raise DataError(f"{path}: chat records (data.messages_column) must be a .jsonl file")
@@ -142,7 +144,12 @@ def read_chats(path: Path, column: str) -> Records:
                 if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                         and isinstance(message.get("content"), str) and message["content"].strip()):
                     raise DataError(f"{path}: row {row_no}: message {k} is not a {{role, content}} object with text")
+                if message["role"] not in ROLES:
+                    raise DataError(f"{path}: row {row_no}: message {k} has role {message['role']!r}, not one of "
+                                    f"{', '.join(ROLES)}")
                 turns.append((message["role"], message["content"]))
+            if all(role != "assistant" for role, _ in turns):
+                raise DataError(f"{path}: row {row_no}: no 'assistant' message: nothing to train on")
             if turns[-1][0] != "assistant":
                 raise DataError(f"{path}: row {row_no}: the last message's role is {turns[-1][0]!r}, not 'assistant'")
             chats.append(tuple(turns[:-1]))

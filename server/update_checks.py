@@ -37,7 +37,7 @@ from enum import StrEnum
 from logging import WARNING
 
 import numpy as np
-from flwr.common import FitRes, NDArrays, Parameters, Scalar, parameters_to_ndarrays
+from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -155,6 +155,17 @@ def check_sum(results: list[tuple[ClientProxy, FitRes]], bounds: UpdateBounds) -
     return None
 
 
+def in_float32(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+    """With SecAgg+: the decoded sum in float32, the institutions' own precision. Flower's
+    `dequantize` decodes in float64, so the global model, and every later round's download, would
+    otherwise double in bytes (benchmarks/large_updates.py) for digits no institution's float32
+    model keeps. The workflow gives every result the one sum: it is converted once."""
+    parameters = ndarrays_to_parameters([a.astype(np.float32) for a in parameters_to_ndarrays(results[0][1].parameters)])
+    for _, fit_res in results:
+        fit_res.parameters = parameters
+    return results
+
+
 class CheckedUpdates(Strategy):
     """A strategy whose `aggregate_fit` sees only updates (or a SecAgg+ sum) that pass the checks."""
 
@@ -180,7 +191,7 @@ class CheckedUpdates(Strategy):
             if why is not None:
                 self._reject(server_round, AGGREGATE, why)
                 return None, {}
-            return self.strategy.aggregate_fit(server_round, results, failures)
+            return self.strategy.aggregate_fit(server_round, in_float32(results), failures)
         kept = []
         for proxy, fit_res in results:
             why = check_update(fit_res, self.bounds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -341,6 +342,118 @@ def test_chat_records_as_trl_takes_them_and_one_line_errors(tmp_path, tiny_llama
     path.write_text(json.dumps({"messages": chats[1][:1]}) + "\n" + json.dumps({"messages": chats[0][:2]}) + "\n")
     with pytest.raises(DataError, match=rf"^{path}: row 1: column 'messages' is not a list of 2 or more messages$"):
         read_job_records(path, DataConfig(messages_column="messages"))
-    path.write_text(json.dumps({"messages": chats[0][:2]}) + "\n")
+    path.write_text(json.dumps({"messages": [*chats[1], {"role": "user", "content": "thanks"}]}) + "\n")
     with pytest.raises(DataError, match=rf"^{path}: row 1: the last message's role is 'user', not 'assistant'$"):
+        read_job_records(path, DataConfig(messages_column="messages"))
+
+
+def _checkpointing_run(tiny_llama, checkpointed: bool, mode: str):
+    """One DP-SGD run from the same start with the same (seeded) sampling and noise; how often q_proj ran."""
+    import client.trainer as trainer
+
+    config = _config(tiny_llama)
+    model = _perturbed(build_model(config, LABELS, CPU))
+    records = _records(24)
+    features = encode(model, config, records)
+    plan = plan_noise(records=24, batch_size=12, local_epochs=1.0, rounds=1, grant=8.0, budget=8.0, delta=1e-5,
+                      accountant="prv")
+    calls = []
+    model.layers[-1].self_attn.q_proj.register_forward_hook(lambda *args: calls.append(1))
+    seeds = iter(range(10))
+    original, trainer._secret_generator = trainer._secret_generator, lambda device: torch.Generator(device).manual_seed(next(seeds))
+    try:
+        train_dp(UpperStack(model, config), features, torch.zeros(24, dtype=torch.long), plan,
+                 steps=plan.steps_per_round, max_grad_norm=0.5, learning_rate=0.05, adapter_learning_rate=0.01,
+                 accountant=restore_accountant(accountant_state([], "prv"), "prv"), grad_sample_mode=mode,
+                 gradient_checkpointing=checkpointed)
+    finally:
+        trainer._secret_generator = original
+    return trainable_state(model), len(calls), plan.steps_per_round
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_gradient_checkpointing_gives_the_same_dp_steps(tiny_llama, mode):
+    """Checkpointed layers recompute in the backward pass (q_proj runs twice a step, three times with
+    ghost clipping's second backward); Opacus' hooks pause then, so the clipped, noised steps are the same."""
+    plain, plain_calls, steps = _checkpointing_run(tiny_llama, False, mode)
+    checkpointed, calls, _ = _checkpointing_run(tiny_llama, True, mode)
+    assert plain_calls == steps and calls == steps * (2 if mode == "hooks" else 3)
+    start = trainable_state(_perturbed(build_model(_config(tiny_llama), LABELS, CPU)))
+    for name, value in plain.items():
+        assert not torch.equal(value, start[name]), name
+        assert torch.allclose(checkpointed[name], value, atol=1e-6, rtol=1e-5), name
+
+
+def test_per_record_gradients_are_the_same_with_gradient_checkpointing(tiny_llama):
+    from opacus import GradSampleModule
+
+    from client.trainer import HooksPaused
+
+    config = _config(tiny_llama)
+    model = _perturbed(build_model(config, LABELS, CPU))
+    batch = encode(model, config, _records(4)).batch(torch.arange(4), CPU)
+    grads = []
+    for checkpointed in (False, True):
+        upper = UpperStack(model, config)
+        module = GradSampleModule(upper)
+        upper.train()
+        with upper.checkpointed(HooksPaused(module)) if checkpointed else contextlib.nullcontext():
+            module(*batch).mean().backward()
+        grads.append({name: p.grad_sample.clone() for name, p in upper.named_parameters() if p.requires_grad})
+        module._close()
+        model.zero_grad(set_to_none=True)
+    for name, plain in grads[0].items():
+        assert plain.shape[0] == 4 and torch.allclose(grads[1][name], plain, atol=1e-6, rtol=1e-5), name
+
+
+def test_gradient_checkpointing_is_refused_for_the_encoder_with_the_flag_named():
+    from common.config import load_config
+
+    with pytest.raises(ValueError, match="training.gradient_checkpointing needs model.task = 'causal_lm'"):
+        load_config(overrides={"training.gradient_checkpointing": True})
+
+
+def test_every_assistant_turn_of_a_chat_trains_and_no_other(tmp_path, tiny_llama):
+    """Against a mask built by hand: the earlier assistant turn's words and the end token its template
+    closes it with train, as does the final response; the system and user words never do."""
+    from common.config import DataConfig
+    from common.data import read_job_records
+
+    path = tmp_path / "chats.jsonl"
+    chat = [{"role": "system", "content": "question"}, {"role": "user", "content": "where is my card"},
+            {"role": "assistant", "content": "card_arrival"}, {"role": "user", "content": "exchange"},
+            {"role": "assistant", "content": "exchange_rate"}]
+    path.write_text(json.dumps({"messages": chat}) + "\n", encoding="utf-8")
+    records = read_job_records(path, DataConfig(messages_column="messages"))
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} "
+                               "{% if m['role'] == 'assistant' %}[EOS] {% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ids, targets = tokenize(tokenizer, _config(tiny_llama), records)
+    words = ("< system > question < user > where is my card < assistant > card_arrival [EOS] "
+             "< user > exchange < assistant > exchange_rate [EOS]").split()
+    assert ids[0] == tokenizer.convert_tokens_to_ids(words)
+    trained = {words.index("card_arrival"), words.index("[EOS]"), len(words) - 2, len(words) - 1}
+    assert targets[0] == [ids[0][j + 1] if j + 1 in trained else IGNORE for j in range(len(words))]
+    without = tokenize(tokenizer, _config(tiny_llama, chat_template=False), records)  # turns joined by lines
+    plain = tokenizer("question\nwhere is my card\ncard_arrival\nexchange")["input_ids"]
+    assert without[0][0][: len(plain)] == plain
+    assert [t for t in without[1][0] if t != IGNORE] == tokenizer.convert_tokens_to_ids(
+        ["card_arrival", "exchange_rate", "[EOS]"])
+
+
+@pytest.mark.parametrize("messages,error", [
+    ({"role": "user", "content": "x"}, "column 'messages' is not a list of 2 or more messages"),
+    ([{"role": "user", "content": "x"}, {"role": "user", "content": "y"}], "no 'assistant' message: nothing to train on"),
+    ([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}],
+     "message 2 has role 'robot', not one of system, user, assistant"),
+])
+def test_a_malformed_chat_row_is_one_line_naming_file_and_row(tmp_path, messages, error):
+    from common.config import DataConfig
+    from common.data import DataError, read_job_records
+
+    path = tmp_path / "chats.jsonl"
+    good = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    path.write_text(json.dumps({"messages": good}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=rf"^{path}: row 2: {error}$"):
         read_job_records(path, DataConfig(messages_column="messages"))

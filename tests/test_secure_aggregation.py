@@ -131,3 +131,13 @@ def test_the_sum_is_the_weighted_average_of_the_plain_updates(wiretap):
             np.testing.assert_allclose(got, want, atol=3e-5)  # quantisation: 2^-26 / weight share
         # and the average is not simply one institution's update
         assert max(np.abs(received[-1] - plain[0][-1]).max(), np.abs(received[-1] - plain[1][-1]).max()) > 1e-3
+
+
+def test_the_secagg_download_is_float32_as_the_first_round_s(wiretap):
+    """Flower decodes the SecAgg+ sum in float64; sent on as such, every later download doubled in bytes."""
+    _, sent, _ = wiretap
+    instructions = [m for m in sent if "fitins.parameters" in m.content.array_records]
+    assert {m.metadata.group_id for m in instructions} == {str(r) for r in range(1, ROUNDS + 1)}
+    for instruction in instructions:
+        arrays = parameters_to_ndarrays(compat.recorddict_to_fitins(instruction.content, True).parameters)
+        assert {a.dtype for a in arrays} == {np.dtype(np.float32)}, instruction.metadata.group_id

@@ -12,16 +12,21 @@ every prompt token. What travels is the LoRA A/B; the base model never does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import re
 import string
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from common.config import ModelConfig
 from common.data import Records
@@ -102,32 +107,78 @@ def build_model(config: ModelConfig, labels: list[str], device: torch.device, se
         return CausalLM(get_peft_model(base, lora)).to(device)
 
 
+def _render(tokenizer, turns, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template([{"role": role, "content": content} for role, content in turns],
+                                         tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _templated(tokenizer, config: ModelConfig) -> bool:
+    return bool(config.chat_template and getattr(tokenizer, "chat_template", None))
+
+
+def _prompt_text(tokenizer, config: ModelConfig, turns) -> tuple[str, list[tuple[int, int]]]:
+    """The prompt as text, and the character span of each earlier assistant turn's content in it."""
+    if not _templated(tokenizer, config):
+        text, spans, at = "\n".join(content for _, content in turns), [], 0
+        for role, content in turns:
+            if role == "assistant":
+                spans.append((at, at + len(content)))
+            at += len(content) + 1
+        return text, spans
+    if config.system_prompt and turns[0][0] != "system":
+        turns = (("system", config.system_prompt), *turns)
+    text, spans = _render(tokenizer, turns, True), []
+    for k, (role, content) in enumerate(turns):
+        if role == "assistant":
+            before = _render(tokenizer, turns[:k], True) if k else ""
+            found = text.find(content, len(before)) if text.startswith(before) else -1
+            if found < 0:
+                raise ModelError(f"{tokenizer.name_or_path}: its chat template does not render a conversation as the "
+                                 "sum of its turns; chat records with several assistant turns cannot be masked")
+            spans.append((found, found + len(content)))
+    return text, spans
+
+
+def prompt_tokens(tokenizer, config: ModelConfig, records: Records, i: int) -> tuple[list[int], list[int]]:
+    """Record i's prompt as tokens (in the model's chat template when it has one and the job wants
+    it), and the positions of the tokens that train in it: each earlier assistant turn's content
+    and, where the template ends the turn with it, the end-of-sequence token right after."""
+    text, spans = _prompt_text(tokenizer, config, records.prompt(i))
+    special = not _templated(tokenizer, config)
+    if not spans:  # offsets need a fast tokenizer: asked for only where a turn is to be found
+        return tokenizer(text, add_special_tokens=special)["input_ids"], []
+    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, trained = encoded["input_ids"], []
+    for start, end in spans:
+        inside = [j for j, (a, b) in enumerate(encoded["offset_mapping"]) if b > a and start <= a and b <= end]
+        if inside and inside[-1] + 1 < len(ids) and ids[inside[-1] + 1] == tokenizer.eos_token_id:
+            inside.append(inside[-1] + 1)
+        trained += inside
+    return ids, trained
+
+
 def prompt_ids(tokenizer, config: ModelConfig, records: Records, i: int) -> list[int]:
-    """Record i's prompt as tokens: in the model's chat template when it has one (and the job wants it)."""
-    turns = records.prompt(i)
-    if config.chat_template and getattr(tokenizer, "chat_template", None):
-        if config.system_prompt and turns[0][0] != "system":
-            turns = (("system", config.system_prompt), *turns)
-        text = tokenizer.apply_chat_template(
-            [{"role": role, "content": content} for role, content in turns], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer("\n".join(content for _, content in turns))["input_ids"]
+    """Record i's prompt as tokens: what generation starts from."""
+    return prompt_tokens(tokenizer, config, records, i)[0]
 
 
 def tokenize(tokenizer, config: ModelConfig, records: Records) -> tuple[list[list[int]], list[list[int]]]:
     """(token ids, next-token targets) per record: a target is IGNORE except where the next token
-    belongs to the response, which ends with the end-of-sequence token so that generation stops."""
+    belongs to an assistant turn: the response, which ends with the end-of-sequence token so that
+    generation stops, and a chat's earlier assistant turns. System and user tokens never train."""
     eos = tokenizer.eos_token_id
     all_ids, all_targets = [], []
     for i in range(len(records)):
-        prompt = prompt_ids(tokenizer, config, records, i)
+        prompt, trained = prompt_tokens(tokenizer, config, records, i)
         response = tokenizer(records.labels[i], add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         response = response[: config.max_length - 1]
-        prompt = prompt[-(config.max_length - len(response)) :]  # a long prompt loses its beginning
-        ids = prompt + response
-        all_ids.append(ids)
-        all_targets.append([IGNORE] * (len(prompt) - 1) + response + [IGNORE])
+        cut = max(0, len(prompt) - (config.max_length - len(response)))  # a long prompt loses its beginning
+        prompt = prompt[cut:]
+        targets = [IGNORE] * (len(prompt) - 1) + response + [IGNORE]
+        for j in (j - cut for j in trained if j - cut >= 1):
+            targets[j - 1] = prompt[j]
+        all_ids.append(prompt + response)
+        all_targets.append(targets)
     return all_ids, all_targets
 
 
@@ -195,6 +246,25 @@ class UpperStack(nn.Module):
         object.__setattr__(self, "top", top)  # reached through the view only
         self.lm_head = model.causal.get_output_embeddings()
 
+    @contextlib.contextmanager
+    def checkpointed(self, recomputing: AbstractContextManager) -> Iterator[None]:
+        """Gradient checkpointing of the adapted layers while open: each keeps only its input and
+        recomputes the rest in the backward pass. Torch's non-reentrant checkpoint, inside the
+        layer's `forward` (transformers keeps module hooks outside it); each recomputation runs
+        in `recomputing`, where Opacus must not capture the adapters' inputs a second time. It is
+        entered once per backward pass (ghost clipping has two), so it must be reusable."""
+        if not all(isinstance(layer, GradientCheckpointingLayer) for layer in self.top):
+            raise ModelError(f"training.gradient_checkpointing: {type(self.top[0]).__name__} layers cannot checkpoint")
+        run = functools.partial(checkpoint, use_reentrant=False,
+                                context_fn=lambda: (contextlib.nullcontext(), recomputing))
+        for layer in self.top:
+            layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, run
+        try:
+            yield
+        finally:
+            for layer in self.top:
+                layer.gradient_checkpointing = False
+
     def hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The final norm's output for cached hidden states."""
 
@@ -210,7 +280,7 @@ class UpperStack(nn.Module):
             handle.remove()
 
     def token_losses(self, hidden: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor):
-        """(loss of each response token, its record, its logits' argmax == target)."""
+        """(loss of each assistant token, its record, its logits' argmax == target)."""
         picked = targets != IGNORE
         logits = self.lm_head(self.hidden(hidden, mask)[picked]).float()
         wanted = targets[picked]
@@ -238,7 +308,8 @@ def evaluate(upper: UpperStack, features: Features, labels=None, records: Record
     Greedy decoding reproduces a response token for token exactly when every response token is
     its position's argmax under teacher forcing (the end token included, so generation stops
     there): a record counts as correct when that holds, which is what generating and comparing
-    would give, without generating (tests/test_llm.py pins the equivalence).
+    would give, without generating (tests/test_llm.py pins the equivalence). A chat with several
+    assistant turns counts as correct when every turn is reproduced from the conversation before it.
     """
     device = next(upper.parameters()).device
     upper.eval()
