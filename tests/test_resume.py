@@ -165,7 +165,8 @@ def test_reports_name_the_round_lost_in_a_crash_and_a_voided_round_with_what_eac
             "by no later update, is in their ledgers), lost in the coordinator crash; the job resumed from the "
             "checkpoint of round 1.") in privacy
     assert "- Round 3: voided after st-john dropped out" in privacy
-    assert "released by st-mary (5 DP-SGD steps; its job epsilon 3.0000 after it)" in privacy
+    assert ("released by st-mary (5 DP-SGD steps; its job epsilon rose from 2.5000 to 3.0000 with it): it bought "
+            "nothing, and every ledger counts what was released for it; st-john reported no release for it") in privacy
     markdown = (tmp_path / "report.md").read_text()
     assert "Dirichlet" not in markdown and "train.csv" not in markdown  # a deployed job: what the coordinator knows
     assert "st-john 200, st-mary 200" in markdown and "Interrupted (coordinator crash) after" in markdown
