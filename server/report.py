@@ -48,7 +48,8 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
     institutions_dp = job.institution_dp
     return {
         "rounds": rounds,
-        "lost_rounds": [lost for lost in lost_rounds(round_log, extra.get("sessions", []))
+        "lost_rounds": [dict(lost, last=lost["round"] == job.federation.rounds)
+                        for lost in lost_rounds(round_log, extra.get("sessions", []))
                         if lost["round"] <= job.federation.rounds],
         "voided": [voided_round(round_log, rnd) for rnd in extra.get("voided_rounds", [])],
         "institutions": [_institution(job, round_log, name) for name in names],
@@ -84,7 +85,10 @@ def lost_rounds(round_log: RoundLog, sessions: list[dict]) -> list[dict]:
         released = {name: steps for name in round_log.replies.get(rnd, {})
                     if (steps := unreported_steps(round_log, name, rnd, rnd) or 0) > 0}
         crashes = sum(1 for session in sessions[1:] if int(session["after_round"]) == after)
-        lost.append({"round": rnd, "crashes": crashes, "asked": asked, "released_steps": released})
+        lost.append({"round": rnd, "crashes": crashes, "asked": asked, "released_steps": released,
+                     # the resumed job's own try at the round: who trained it, who declined it and why
+                     "retrained_by": sorted(round_log.replies.get(rnd, {})),
+                     "declined_retry": dict(round_log.declined.get(rnd, {}))})
     return lost
 
 
@@ -318,22 +322,35 @@ def render_privacy_markdown(report: dict) -> str:
     for voided in report.get("voided", []):
         lines.append(f"\n- {voided_line(voided)}")
     for lost in report.get("lost_rounds", []):
-        released = lost["released_steps"]
-        unknown = [name for name in lost.get("asked", []) if name not in released]
-        who = [f"released by {' and '.join(f'{name} ({steps} DP-SGD steps)' for name, steps in released.items())}"
-               ] if released else []
-        if unknown:
-            who.append(f"asked of {' and '.join(unknown)} (what they released for it, reported by no later update, "
-                       "is in their ledgers)")
-        lines.append(f"\n- Round {lost['round']}: {'; '.join(who) or 'asked of no institution yet'}, lost in the "
-                     f"coordinator crash; the job resumed from the checkpoint of round {lost['round'] - 1}. Every "
-                     "ledger counts what was released for it, and the epsilon figures above include what the "
-                     "institutions reported.")
+        lines.append(f"\n- {lost_line(lost)}")
     lines += ["", "## What left each institution", ""]
     lines += [f"- {item['what']}: " + ("covered by its epsilon." if item["covered_by_epsilon"] else
                                        "not covered by epsilon.") for item in report["what_left_each_institution"]]
     lines += ["- Nothing else: no record, no column name of its file, no path, no training loss, no error text."]
     return "\n".join(lines) + "\n"
+
+
+def lost_line(lost: dict) -> str:
+    """One round lost in a coordinator crash, for privacy.md: who released or was asked for it, and whether the
+    resumed job trained it again or its institutions, their grant spent on the lost release, declined."""
+    released = lost["released_steps"]
+    unknown = [name for name in lost.get("asked", []) if name not in released]
+    who = [f"released by {' and '.join(f'{name} ({steps} DP-SGD steps)' for name, steps in released.items())}"
+           ] if released else []
+    if unknown:
+        who.append(f"asked of {' and '.join(unknown)} (what they released for it, reported by no later update, "
+                   "is in their ledgers)")
+    line = (f"Round {lost['round']}: {'; '.join(who) or 'asked of no institution yet'}, lost in the coordinator crash; "
+            f"the job resumed from the checkpoint of round {lost['round'] - 1}. Every ledger counts what was released "
+            "for it, and the epsilon figures above include what the institutions reported.")
+    spent = [name for name, reason in lost.get("declined_retry", {}).items() if reason == m.Reason.BUDGET_SPENT]
+    if spent:
+        line += (f" Retried after the resume, it was declined by {' and '.join(spent)}: no budget remained in "
+                 "their grant to train it again (the noise plan they keep for the job had charged the lost release)")
+        line += "." if lost.get("retrained_by") else (
+            f", so the round stays lost and the global model after it is the one of round {lost['round'] - 1}"
+            + (" (it was the job's last round: the job ended with that model)." if lost.get("last") else "."))
+    return line
 
 
 def voided_line(voided: dict) -> str:
