@@ -99,6 +99,10 @@ def test_a_coordinator_killed_mid_round_restarts_resumes_and_the_job_finishes_wi
     assert lost["round"] == 2 and lost["asked"] == sorted(data_files)  # both had been asked when it died
     assert "- Round 2: asked of alpha and beta" in (out / "privacy.md").read_text()
     assert "lost in the coordinator crash" in (out / "privacy.md").read_text()
+    if sorted(metrics["rounds"][ROUNDS]["declined"]) == sorted(data_files):  # the lost last round, not retrained
+        assert lost["declined_retry"] == {name: "budget-spent" for name in data_files} and lost["last"]
+        assert ("no budget remained in their grant to train it again" in (out / "privacy.md").read_text()
+                and "the job ended with that model" in (out / "privacy.md").read_text())
     for name, ledger in ledgers.items():
         dataset = ledger.datasets()[0]
         assert list(ledger.grants(dataset.id)) == [job_id]  # one grant, one noise plan across the resume
