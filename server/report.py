@@ -99,8 +99,14 @@ def unreported_steps(round_log: RoundLog, name: str, rnd: int, reported_in: int)
     reply = round_log.replies.get(reported_in, {}).get(name)
     if reply is None:
         return None
+    before = last_reply_before(round_log, name, rnd)
+    return int(reply[m.TOTAL_STEPS]) - int(reply[m.STEPS]) - (int(before[m.TOTAL_STEPS]) if before else 0)
+
+
+def last_reply_before(round_log: RoundLog, name: str, rnd: int) -> dict | None:
+    """`name`'s last reply in a round before `rnd` (None: it has none)."""
     before = [replies[name] for r, replies in sorted(round_log.replies.items()) if r < rnd and name in replies]
-    return int(reply[m.TOTAL_STEPS]) - int(reply[m.STEPS]) - (int(before[-1][m.TOTAL_STEPS]) if before else 0)
+    return before[-1] if before else None
 
 
 def voided_round(round_log: RoundLog, rnd: int) -> dict:
@@ -108,8 +114,8 @@ def voided_round(round_log: RoundLog, rnd: int) -> dict:
     institution that replied spent on it (steps, and its job epsilon before and after the round, as it
     reported them), and what each that dropped out released for it, as its next round's reply reveals."""
     def epsilon_before(name: str) -> float:
-        before = [replies[name] for r, replies in sorted(round_log.replies.items()) if r < rnd and name in replies]
-        return float(before[-1][m.EPSILON]) if before else 0.0
+        before = last_reply_before(round_log, name, rnd)
+        return float(before[m.EPSILON]) if before else 0.0
 
     return {
         "round": rnd,
