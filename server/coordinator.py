@@ -355,9 +355,10 @@ class Coordinator:
         return {"run_id": run_id, "job_id": known.get("job_id"), "state": state, "flower_status": status,
                 "last_round": last, "rounds": known.get("rounds"), "resumed_by": later[0] if later else None}
 
-    def interrupted_by_restart(self) -> list[str]:
+    def interrupted_by_restart(self) -> None:
         """After the SuperLink (re)started: the runs whose ServerApp died with the SuperLink before it. Flower still
-        calls them running, so each is stopped in Flower and marked interrupted in runs.json."""
+        calls them running, so each is stopped in Flower and marked interrupted in runs.json (`to_resume` reads
+        the mark)."""
         runs = _read_json(self.runs_file)
         flower = {str(row["run-id"]): row for row in self.flwr("ls")["runs"]}
         lost = [run_id for run_id, entry in runs.items() if not entry.get("interrupted")
@@ -370,7 +371,6 @@ class Coordinator:
             runs[run_id]["interrupted"] = _now()
         if lost:
             _write_json(self.runs_file, runs)
-        return lost
 
     def to_resume(self) -> list[str]:
         """The runs whose job the supervisor resumes, by the run folders' own record: the latest run of each
