@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -107,9 +108,11 @@ def cmd_start(args: argparse.Namespace) -> int:
             current[-1].signal_group(signal.SIGTERM)
 
     crashes: list[float] = []
+    tried: set[str] = set()  # runs this supervisor has resumed (or named, with --no-resume): each once
     with on_stop_signals(stop):
-        # Supervised: a SuperLink that dies is started again on the same state database, and the jobs its
-        # ServerApps ran are resumed from their last checkpoints (unless --no-resume).
+        # Supervised: a SuperLink that dies is started again on the same state database, and every job its run
+        # folders say is unfinished is resumed from its last checkpoint (unless --no-resume), at each start and
+        # while the SuperLink runs (a ServerApp can fail alone).
         while not stopping:
             process = FlowerProcess(
                 superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
@@ -121,8 +124,8 @@ def cmd_start(args: argparse.Namespace) -> int:
                 process.wait_for_port(dial_host(fleet_host), fleet_port, timeout=60)
                 say(f"ready: institutions connect to {args.fleet_address}; control API at {control}; "
                     f"state in {coordinator.state}")
-                _recover_jobs(coordinator, resume=not args.no_resume)
-                code = process.wait()
+                coordinator.interrupted_by_restart()
+                code = _supervise(process, coordinator, not args.no_resume, tried, stopping)
             except ProcessError as exc:
                 if stopping:
                     break
@@ -144,11 +147,32 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 MAX_RESTARTS = 5  # SuperLink restarts tolerated within RESTART_WINDOW seconds
 RESTART_WINDOW = 300
+RECOVERY_POLL = 30.0  # seconds between looks for a job whose ServerApp failed while the SuperLink runs
 
 
-def _recover_jobs(coordinator: Coordinator, resume: bool) -> None:
-    """After a (re)start: the jobs whose ServerApp died with the SuperLink are interrupted; resume each."""
-    for run_id in coordinator.interrupted_by_restart():
+def _supervise(process: FlowerProcess, coordinator: Coordinator, resume: bool, tried: set[str],
+               stopping: list[int]) -> int:
+    """Until the SuperLink exits (its exit code) or a stop signal: resume the unfinished jobs now and every
+    RECOVERY_POLL seconds."""
+    while True:
+        if not stopping:
+            _recover_jobs(coordinator, resume, tried)
+        try:
+            return process.wait(RECOVERY_POLL)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _recover_jobs(coordinator: Coordinator, resume: bool, tried: set[str]) -> None:
+    """Resume, once each, the jobs whose run folders say they are unfinished and whose run Flower ended
+    (server/coordinator.py `to_resume`: interrupted by a restart, or failed after making progress)."""
+    try:
+        runs = [run_id for run_id in coordinator.to_resume() if run_id not in tried]
+    except CoordinatorError as exc:  # the SuperLink is going down or busy: the next look tries again
+        say(f"could not list the runs to resume: {exc}")
+        return
+    for run_id in runs:
+        tried.add(run_id)
         if not resume:
             say(f"run {run_id} was interrupted; resume it with `fedtune-server resume {run_id}`")
             continue
@@ -342,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--fleet-address", default="127.0.0.1:9092", type=address_arg, metavar="HOST:PORT",
                        help="HOST:PORT institutions connect to (default 127.0.0.1:9092; 0.0.0.0:9092 for all interfaces)")
     start.add_argument("--no-resume", action="store_true",
-                       help="after a restart, leave interrupted jobs for `fedtune-server resume` instead of resuming them")
+                       help="leave unfinished jobs (interrupted by a restart, or whose ServerApp failed) for `fedtune-server "
+                       "resume` instead of resuming them")
     start.add_argument("--insecure", action="store_true",
                        help="run without TLS and without institution authentication (local trials only)")
     start.set_defaults(run=cmd_start)

@@ -16,6 +16,8 @@ task claims; server/superlink.py), both new at every start.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +27,7 @@ import sys
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,6 +65,8 @@ INSTITUTIONS_FILE = "institutions.json"  # in the state folder: fedtune's names 
 CONTROL_TOKEN = "control.token"  # in the state folder: what the Control API accepts (server/superlink.py)
 FINISHED = "finished"
 COMPLETED = "finished:completed"
+FAILED = "finished:failed"
+RESUME_LOCK = "resume.lock"
 
 
 class CoordinatorError(RuntimeError):
@@ -302,7 +307,12 @@ class Coordinator:
     def resume(self, run_id: str) -> str:
         """Submit again the job of an interrupted run, with its job id and run folder: the ServerApp continues
         from the folder's last checkpoint and the institutions from the grant and noise plan they keep for the
-        job id. The new run id."""
+        job id. The new run id. One resume at a time (a lock in the state folder): a run is never resumed twice,
+        by the supervisor and an operator at once."""
+        with _locked(self.state / RESUME_LOCK):
+            return self._resume(run_id)
+
+    def _resume(self, run_id: str) -> str:
         known = _read_json(self.runs_file).get(run_id)
         if known is None:
             raise CoordinatorError(f"no run {run_id} in {self.runs_file} (see `fedtune-server status`)")
@@ -345,9 +355,10 @@ class Coordinator:
         return {"run_id": run_id, "job_id": known.get("job_id"), "state": state, "flower_status": status,
                 "last_round": last, "rounds": known.get("rounds"), "resumed_by": later[0] if later else None}
 
-    def interrupted_by_restart(self) -> list[str]:
+    def interrupted_by_restart(self) -> None:
         """After the SuperLink (re)started: the runs whose ServerApp died with the SuperLink before it. Flower still
-        calls them running, so each is stopped in Flower and marked interrupted in runs.json."""
+        calls them running, so each is stopped in Flower and marked interrupted in runs.json (`to_resume` reads
+        the mark)."""
         runs = _read_json(self.runs_file)
         flower = {str(row["run-id"]): row for row in self.flwr("ls")["runs"]}
         lost = [run_id for run_id, entry in runs.items() if not entry.get("interrupted")
@@ -360,7 +371,36 @@ class Coordinator:
             runs[run_id]["interrupted"] = _now()
         if lost:
             _write_json(self.runs_file, runs)
-        return lost
+
+    def to_resume(self) -> list[str]:
+        """The runs whose job the supervisor resumes, by the run folders' own record: the latest run of each
+        job whose folder holds no results (metrics.json) yet and that Flower has ended, either interrupted by
+        a SuperLink restart or failed after its checkpoint moved past where the run started (one that failed
+        where it started would fail there again: `fedtune-server resume` is the operator's call). A run still
+        running, completed, stopped by the operator or already resumed is not resumed."""
+        runs = _read_json(self.runs_file)
+        superseded = {entry.get("resumes") for entry in runs.values()}
+        unfinished = [run_id for run_id, entry in runs.items() if run_id not in superseded and entry.get("out")
+                      and not (Path(entry["out"]) / METRICS_FILE).is_file()]
+        if not unfinished:
+            return []  # nothing to ask Flower about
+        flower = {str(row["run-id"]): row["status"] for row in self.flwr("ls")["runs"]}
+        return [run_id for run_id in unfinished if runs[run_id].get("interrupted")
+                or (flower.get(run_id) == FAILED and self._failed_after_progress(run_id, runs[run_id]))]
+
+    def _failed_after_progress(self, run_id: str, entry: dict) -> bool:
+        """Whether the failed run's job.json session started before the folder's newest checkpoint."""
+        from server import checkpoint  # NumPy: only for the commands that read checkpoints
+
+        out = Path(entry["out"])
+        owner = _read_json(out / JOB_FILE)
+        started = [int(s["after_round"]) for s in owner.get("sessions", []) if str(s.get("run_id")) == run_id]
+        try:
+            saved = checkpoint.latest(out)
+        except checkpoint.CheckpointError:
+            return False
+        return owner.get("job_id") == entry.get("job_id") and bool(started) and saved is not None \
+            and saved.server_round > started[-1]
 
     def runs(self, run_id: str | None = None) -> list[dict]:
         """Flower's record of each run, plus the run folder fedtune gave it."""
@@ -410,6 +450,17 @@ class Coordinator:
             raise CoordinatorError(f"{to}: already exists; name a new folder")
         shutil.copytree(run["out"], to)
         return to
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if need be) for the block; released when the process dies too."""
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _now() -> str:

@@ -48,7 +48,8 @@ def build_metrics(job: JobConfig, evaluations: dict[int, dict], round_log: Round
     institutions_dp = job.institution_dp
     return {
         "rounds": rounds,
-        "lost_rounds": [lost for lost in lost_rounds(round_log, extra.get("sessions", []))
+        "lost_rounds": [dict(lost, last=lost["round"] == job.federation.rounds)
+                        for lost in lost_rounds(round_log, extra.get("sessions", []))
                         if lost["round"] <= job.federation.rounds],
         "voided": [voided_round(round_log, rnd) for rnd in extra.get("voided_rounds", [])],
         "institutions": [_institution(job, round_log, name) for name in names],
@@ -78,27 +79,52 @@ def lost_rounds(round_log: RoundLog, sessions: list[dict]) -> list[dict]:
     """
     lost = []
     for after in sorted({int(session["after_round"]) for session in sessions[1:]}):
-        rnd, released = after + 1, {}
+        rnd = after + 1
         asked = sorted({name for session in sessions[1:] if int(session["after_round"]) == after
                         for name in session.get("asked", [])})
-        for name, reply in round_log.replies.get(rnd, {}).items():
-            before = [replies[name] for r, replies in sorted(round_log.replies.items()) if r <= after and name in replies]
-            extra = int(reply[m.TOTAL_STEPS]) - int(reply[m.STEPS]) - (int(before[-1][m.TOTAL_STEPS]) if before else 0)
-            if extra > 0:
-                released[name] = extra
+        released = {name: steps for name in round_log.replies.get(rnd, {})
+                    if (steps := unreported_steps(round_log, name, rnd, rnd) or 0) > 0}
         crashes = sum(1 for session in sessions[1:] if int(session["after_round"]) == after)
-        lost.append({"round": rnd, "crashes": crashes, "asked": asked, "released_steps": released})
+        lost.append({"round": rnd, "crashes": crashes, "asked": asked, "released_steps": released,
+                     # the resumed job's own try at the round: who trained it, who declined it and why
+                     "retrained_by": sorted(round_log.replies.get(rnd, {})),
+                     "declined_retry": dict(round_log.declined.get(rnd, {}))})
     return lost
 
 
+def unreported_steps(round_log: RoundLog, name: str, rnd: int, reported_in: int) -> int | None:
+    """DP-SGD steps `name` released for round `rnd` that its reply in round `reported_in` (rnd or later)
+    reveals: the rise of its job step count (its ledger's) beyond that reply's own steps and its replies
+    before `rnd`; None if it has no reply in `reported_in`."""
+    reply = round_log.replies.get(reported_in, {}).get(name)
+    if reply is None:
+        return None
+    before = last_reply_before(round_log, name, rnd)
+    return int(reply[m.TOTAL_STEPS]) - int(reply[m.STEPS]) - (int(before[m.TOTAL_STEPS]) if before else 0)
+
+
+def last_reply_before(round_log: RoundLog, name: str, rnd: int) -> dict | None:
+    """`name`'s last reply in a round before `rnd` (None: it has none)."""
+    before = [replies[name] for r, replies in sorted(round_log.replies.items()) if r < rnd and name in replies]
+    return before[-1] if before else None
+
+
 def voided_round(round_log: RoundLog, rnd: int) -> dict:
-    """A round whose released updates bought nothing (the global model stayed as it was), with what each
-    institution that released spent on it, as it reported."""
+    """A round whose released updates bought nothing (the global model stayed as it was): what each
+    institution that replied spent on it (steps, and its job epsilon before and after the round, as it
+    reported them), and what each that dropped out released for it, as its next round's reply reveals."""
+    def epsilon_before(name: str) -> float:
+        before = last_reply_before(round_log, name, rnd)
+        return float(before[m.EPSILON]) if before else 0.0
+
     return {
         "round": rnd,
         "dropped": round_log.dropped.get(rnd, {}),
-        "spent": {name: {"steps": reply[m.STEPS], "epsilon_after": reply[m.EPSILON]}
+        "spent": {name: {"steps": reply[m.STEPS], "epsilon_before": epsilon_before(name),
+                         "epsilon_after": reply[m.EPSILON]}
                   for name, reply in round_log.replies.get(rnd, {}).items()},
+        "released_steps": {name: steps for name in round_log.dropped.get(rnd, {})
+                           if (steps := unreported_steps(round_log, name, rnd, rnd + 1)) is not None},
     }
 
 
@@ -300,29 +326,59 @@ def render_privacy_markdown(report: dict) -> str:
                          + ("the global model stayed as it was." if who == AGGREGATE else
                             "it was left out of the average; its ledger counts the release."))
     for voided in report.get("voided", []):
-        spent = " and ".join(f"{name} ({row['steps']} DP-SGD steps; its job epsilon {row['epsilon_after']:.4f} after it)"
-                             for name, row in voided["spent"].items())
-        why = (f" after {', '.join(voided['dropped'])} dropped out" if voided["dropped"] else "")
-        lines.append(f"\n- Round {voided['round']}: voided{why}: the round was not aggregated (with SecAgg+, too few "
-                     f"institutions were left to unmask the sum) and the global model stayed as it was; released by "
-                     f"{spent}, which their ledgers count.")
+        lines.append(f"\n- {voided_line(voided)}")
     for lost in report.get("lost_rounds", []):
-        released = lost["released_steps"]
-        unknown = [name for name in lost.get("asked", []) if name not in released]
-        who = [f"released by {' and '.join(f'{name} ({steps} DP-SGD steps)' for name, steps in released.items())}"
-               ] if released else []
-        if unknown:
-            who.append(f"asked of {' and '.join(unknown)} (what they released for it, reported by no later update, "
-                       "is in their ledgers)")
-        lines.append(f"\n- Round {lost['round']}: {'; '.join(who) or 'asked of no institution yet'}, lost in the "
-                     f"coordinator crash; the job resumed from the checkpoint of round {lost['round'] - 1}. Every "
-                     "ledger counts what was released for it, and the epsilon figures above include what the "
-                     "institutions reported.")
+        lines.append(f"\n- {lost_line(lost)}")
     lines += ["", "## What left each institution", ""]
     lines += [f"- {item['what']}: " + ("covered by its epsilon." if item["covered_by_epsilon"] else
                                        "not covered by epsilon.") for item in report["what_left_each_institution"]]
     lines += ["- Nothing else: no record, no column name of its file, no path, no training loss, no error text."]
     return "\n".join(lines) + "\n"
+
+
+def lost_line(lost: dict) -> str:
+    """One round lost in a coordinator crash, for privacy.md: who released or was asked for it, and whether the
+    resumed job trained it again or its institutions, their grant spent on the lost release, declined."""
+    released = lost["released_steps"]
+    unknown = [name for name in lost.get("asked", []) if name not in released]
+    who = [f"released by {' and '.join(f'{name} ({steps} DP-SGD steps)' for name, steps in released.items())}"
+           ] if released else []
+    if unknown:
+        who.append(f"asked of {' and '.join(unknown)} (what they released for it, reported by no later update, "
+                   "is in their ledgers)")
+    line = (f"Round {lost['round']}: {'; '.join(who) or 'asked of no institution yet'}, lost in the coordinator crash; "
+            f"the job resumed from the checkpoint of round {lost['round'] - 1}. Every ledger counts what was released "
+            "for it, and the epsilon figures above include what the institutions reported.")
+    spent = [name for name, reason in lost.get("declined_retry", {}).items() if reason == m.Reason.BUDGET_SPENT]
+    if spent:
+        line += (f" Retried after the resume, it was declined by {' and '.join(spent)}: no budget remained in "
+                 "their grant to train it again (the noise plan they keep for the job had charged the lost release)")
+        line += "." if lost.get("retrained_by") else (
+            f", so the round stays lost and the global model after it is the one of round {lost['round'] - 1}"
+            + (" (it was the job's last round: the job ended with that model)." if lost.get("last") else "."))
+    return line
+
+
+def voided_line(voided: dict) -> str:
+    """One voided round, for privacy.md: who released what for it, that it bought nothing, and that it stays spent."""
+    spent = [f"{name} ({row['steps']} DP-SGD steps; its job epsilon rose from {row.get('epsilon_before', 0.0):.4f} "
+             f"to {row['epsilon_after']:.4f} with it)" for name, row in voided["spent"].items()]
+    later = voided.get("released_steps", {})
+    spent += [f"{name} ({steps} DP-SGD steps before it dropped out, as its next update reported)"
+              for name, steps in later.items() if steps]
+    nothing = [name for name, steps in later.items() if not steps]
+    unknown = [name for name in voided["dropped"] if name not in later]
+    why = f" after {', '.join(voided['dropped'])} dropped out" if voided["dropped"] else ""
+    line = (f"Round {voided['round']}: voided{why}: the round was not aggregated (with SecAgg+, too few institutions "
+            f"were left to unmask the sum) and the global model stayed as it was; "
+            + (f"released by {' and '.join(spent)}: it bought nothing, and every ledger counts what was released "
+               "for it" if spent else "nothing released for it was reported"))
+    if nothing:
+        line += f"; {' and '.join(nothing)} released nothing for it (the step count of its next update shows)"
+    if unknown:
+        line += (f"; {' and '.join(unknown)} reported no release for it (whatever it released before dropping out "
+                 "is in its ledger)")
+    return line + "."
 
 
 def render_markdown(metrics: dict) -> str:

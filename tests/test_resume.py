@@ -17,6 +17,8 @@ from common.accounting import epsilon
 from common.config import load_config
 from server import checkpoint, report
 from server.checkpoint import Checkpoint, CheckpointError
+from server.cli import main as server_main
+from server.coordinator import Coordinator
 from server.round_log import RoundLog
 from server.strategy import load_state_dict, make_strategy, state_dict
 from server.workflow import ResumableWorkflow
@@ -153,7 +155,8 @@ def test_reports_name_the_round_lost_in_a_crash_and_a_voided_round_with_what_eac
     sessions = [{"after_round": 0, "started": "t0", "run_id": "1", "asked": []},
                 {"after_round": 1, "started": "t1", "run_id": "2", "asked": ["st-john", "st-mary"]}]
     assert report.lost_rounds(log, sessions) == [
-        {"round": 2, "crashes": 1, "asked": ["st-john", "st-mary"], "released_steps": {"st-mary": 5}}]
+        {"round": 2, "crashes": 1, "asked": ["st-john", "st-mary"], "released_steps": {"st-mary": 5},
+         "retrained_by": ["st-john", "st-mary"], "declined_retry": {}}]
     job = load_config(overrides={"federation.institutions": 2, "federation.rounds": 3})
     evaluations = {r: {"loss": 1.0, "accuracy": 0.5} for r in range(4)}
     metrics = report.build_metrics(job, evaluations, log, {"job_id": "job-0123456789abcdef", "sessions": sessions,
@@ -165,10 +168,75 @@ def test_reports_name_the_round_lost_in_a_crash_and_a_voided_round_with_what_eac
             "by no later update, is in their ledgers), lost in the coordinator crash; the job resumed from the "
             "checkpoint of round 1.") in privacy
     assert "- Round 3: voided after st-john dropped out" in privacy
-    assert "released by st-mary (5 DP-SGD steps; its job epsilon 3.0000 after it)" in privacy
+    assert ("released by st-mary (5 DP-SGD steps; its job epsilon rose from 2.5000 to 3.0000 with it): it bought "
+            "nothing, and every ledger counts what was released for it; st-john reported no release for it") in privacy
     markdown = (tmp_path / "report.md").read_text()
     assert "Dirichlet" not in markdown and "train.csv" not in markdown  # a deployed job: what the coordinator knows
     assert "st-john 200, st-mary 200" in markdown and "Interrupted (coordinator crash) after" in markdown
+
+def test_a_voided_round_says_what_a_dropout_released_as_its_next_update_reveals(tmp_path):
+    log = RoundLog(node_names={1: "st-mary", 2: "st-john"})
+    log.replies[1] = {"st-mary": reply("st-mary", 5, 5, 1.0), "st-john": reply("st-john", 5, 5, 1.0)}
+    log.replies[2] = {"st-mary": reply("st-mary", 5, 10, 2.0)}  # st-john released 4 steps, then dropped out
+    log.dropped[2] = {"st-john": "its training process died"}
+    log.replies[3] = {"st-mary": reply("st-mary", 5, 15, 3.0), "st-john": reply("st-john", 5, 14, 2.5)}
+    assert report.voided_round(log, 2) == {
+        "round": 2, "dropped": {"st-john": "its training process died"}, "released_steps": {"st-john": 4},
+        "spent": {"st-mary": {"steps": 5, "epsilon_before": 1.0, "epsilon_after": 2.0}}}
+    log.replies[3]["st-john"] = reply("st-john", 5, 10, 2.0)  # ... or released nothing for round 2
+    line = report.voided_line(report.voided_round(log, 2))
+    assert "st-john released nothing for it (the step count of its next update shows)" in line
+    assert "its job epsilon rose from 1.0000 to 2.0000" in line
+
+
+def test_a_lost_last_round_the_institutions_cannot_pay_again_is_reported_lost_and_the_job_finished(
+        tmp_path, monkeypatch, capsys):
+    """The coordinator died after both released round 2 of 2; the resumed job asks again, and both decline: the
+    noise plan they keep for the job had charged the lost release. The report says so; the job is finished."""
+    log = RoundLog(node_names={1: "st-mary", 2: "st-john"})
+    log.replies[1] = {"st-mary": reply("st-mary", 5, 5, 1.0), "st-john": reply("st-john", 5, 5, 1.0)}
+    log.declined[2] = {"st-mary": m.Reason.BUDGET_SPENT.value, "st-john": m.Reason.BUDGET_SPENT.value}
+    sessions = [{"after_round": 0, "started": "t0", "run_id": "1", "asked": []},
+                {"after_round": 1, "started": "t1", "run_id": "2", "asked": ["st-john", "st-mary"]}]
+    job = load_config(overrides={"federation.institutions": 2, "federation.rounds": 2})
+    evaluations = {r: {"loss": 1.0, "accuracy": 0.5} for r in range(3)}
+    out = tmp_path / "run"
+    out.mkdir()
+    job_id = "job-0123456789abcdef"
+    for session in sessions:
+        checkpoint.claim_run_folder(out, job_id, job.to_json(), session)
+    report.write_report(out, report.build_metrics(job, evaluations, log, {"job_id": job_id, "sessions": sessions,
+                                                                          "deployed": True}))
+    (lost,) = json.loads((out / "privacy.json").read_text())["lost_rounds"]
+    assert lost == {"round": 2, "crashes": 1, "asked": ["st-john", "st-mary"], "released_steps": {}, "last": True,
+                    "retrained_by": [], "declined_retry": {"st-mary": "budget-spent", "st-john": "budget-spent"}}
+    assert ("- Round 2: asked of st-john and st-mary (what they released for it, reported by no later update, is in "
+            "their ledgers), lost in the coordinator crash; the job resumed from the checkpoint of round 1. Every "
+            "ledger counts what was released for it, and the epsilon figures above include what the institutions "
+            "reported. Retried after the resume, it was declined by st-mary and st-john: no budget remained in their "
+            "grant to train it again (the noise plan they keep for the job had charged the lost release), so the "
+            "round stays lost and the global model after it is the one of round 1 (it was the job's last round: the "
+            "job ended with that model).") in (out / "privacy.md").read_text()
+
+    # status and export: the resumed run finished the job (completed); the crashed one was resumed, not failed.
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "runs.json").write_text(json.dumps({
+        "1": {"out": str(out), "job_id": job_id, "rounds": 2, "interrupted": "t"},
+        "2": {"out": str(out), "job_id": job_id, "rounds": 2, "resumes": "1"}}))
+    checkpoint.save(out, Checkpoint(job_id=job_id, server_round=2, job_json=job.to_json(), weights=[np.zeros(2)],
+                                    strategy={}, round_log={}, evaluations={}))
+    flower = [{"run-id": 1, "status": "finished:stopped", "elapsed": 9.0, "fab-hash": "ab" * 32, "status-details": ""},
+              {"run-id": 2, "status": "finished:completed", "elapsed": 9.0, "fab-hash": "ab" * 32,
+               "status-details": ""}]
+    monkeypatch.setattr(Coordinator, "flwr", lambda self, *args, **kw: {"runs": flower, "success": True})
+    assert Coordinator(state).job_state("2")["state"] == "completed" and Coordinator(state).to_resume() == []
+    assert server_main(["status", "--state-dir", str(state)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "resumed as 2" in rows["1"] and "completed" in rows["2"] and "2/2" in rows["2"]
+    assert server_main(["export", "2", "--to", str(tmp_path / "copy"), "--state-dir", str(state)]) == 0
+    assert (tmp_path / "copy" / "privacy.md").is_file()
+
 
 # -- a simulated job killed and resumed -----------------------------------------------------------
 
