@@ -197,19 +197,25 @@ def bundle(env) -> str:
     return result.stdout.strip()
 
 
+def join(procs: Processes, coordinator: Coordinator, data_files: dict[str, Path], bundle: str, env: dict) -> None:
+    """Each institution makes its key, is admitted, approves the bundle and starts its node; until all are online.
+    Each institution's files are under `procs.folder / name` (its ledger in `state/`)."""
+    for name, data in data_files.items():
+        assert cli("client", "keygen", "--out", procs.folder / name, env=env).returncode == 0
+        admitted = coordinator.run("admit", procs.folder / name / "node.pub", "--name", name)
+        assert admitted.returncode == 0, admitted.stderr
+        approve(bundle, procs.folder / name / "state", env)
+        start_institution(procs, coordinator, name, data, key=procs.folder / name / "node.key")
+    for name in data_files:
+        coordinator.wait_for(name, "online")
+
+
 @pytest.fixture(scope="module")
 def federation(coordinator, data_files, bundle, tmp_path_factory, env):
     """Two admitted institutions, online, that approved the app bundle of this checkout."""
     procs = Processes(tmp_path_factory.mktemp("federation"), env)
     try:
-        for name, data in data_files.items():
-            assert cli("client", "keygen", "--out", procs.folder / name, env=env).returncode == 0
-            admitted = coordinator.run("admit", procs.folder / name / "node.pub", "--name", name)
-            assert admitted.returncode == 0, admitted.stderr
-            approve(bundle, procs.folder / name / "state", env)
-            start_institution(procs, coordinator, name, data, key=procs.folder / name / "node.key")
-        for name in data_files:
-            coordinator.wait_for(name, "online")
+        join(procs, coordinator, data_files, bundle, env)
         yield procs
     finally:
         procs.stop_all()

@@ -22,7 +22,7 @@ import pytest
 
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from common.accounting import epsilon
-from deployment_support import approve, cli, start_coordinator, start_institution, tail, write_job
+from deployment_support import join, start_coordinator, tail, write_job
 from server import checkpoint
 from common.config import JobConfig
 from server.cli import _recover_jobs, main
@@ -56,16 +56,8 @@ def wait(condition, timeout: float, what: str, log) -> None:
 def test_a_coordinator_killed_mid_round_restarts_resumes_and_the_job_finishes_within_budget(
         processes, certs, data_files, banking_slice, slice_labels, bundle, tmp_path, env):
     coordinator = start_coordinator(processes, tmp_path / "state", certs, env)
-    ledgers = {}
-    for name, data in data_files.items():
-        folder = processes.folder / name
-        assert cli("client", "keygen", "--out", folder, env=env).returncode == 0
-        assert coordinator.run("admit", folder / "node.pub", "--name", name).returncode == 0
-        approve(bundle, folder / "state", env)
-        start_institution(processes, coordinator, name, data, key=folder / "node.key")
-        ledgers[name] = PrivacyLedger(folder / "state" / LEDGER_FILE)
-    for name in data_files:
-        coordinator.wait_for(name, "online")
+    join(processes, coordinator, data_files, bundle, env)
+    ledgers = {name: PrivacyLedger(processes.folder / name / "state" / LEDGER_FILE) for name in data_files}
     job_file = write_job(tmp_path / "job.toml", banking_slice[1], slice_labels, federation={"rounds": ROUNDS},
                          privacy={"target_epsilon": 8.0})
     out = tmp_path / "run"

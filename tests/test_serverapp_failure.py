@@ -17,7 +17,7 @@ import pytest
 
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from common.accounting import epsilon
-from deployment_support import approve, cli, start_coordinator, start_institution, write_job
+from deployment_support import join, start_coordinator, write_job
 from server import checkpoint
 from test_coordinator_restart import wait
 
@@ -34,16 +34,8 @@ def serverapp_of(supervisor_pid: int) -> psutil.Process:
 def test_a_job_whose_serverapp_failed_is_resumed_by_the_supervisor_and_finishes(
         processes, certs, data_files, banking_slice, slice_labels, bundle, tmp_path, env):
     coordinator = start_coordinator(processes, tmp_path / "state", certs, env)
-    ledgers = {}
-    for name, data in data_files.items():
-        folder = processes.folder / name
-        assert cli("client", "keygen", "--out", folder, env=env).returncode == 0
-        assert coordinator.run("admit", folder / "node.pub", "--name", name).returncode == 0
-        approve(bundle, folder / "state", env)
-        start_institution(processes, coordinator, name, data, key=folder / "node.key")
-        ledgers[name] = PrivacyLedger(folder / "state" / LEDGER_FILE)
-    for name in data_files:
-        coordinator.wait_for(name, "online")
+    join(processes, coordinator, data_files, bundle, env)
+    ledgers = {name: PrivacyLedger(processes.folder / name / "state" / LEDGER_FILE) for name in data_files}
     job_file = write_job(tmp_path / "job.toml", banking_slice[1], slice_labels, federation={"rounds": 2},
                          privacy={"target_epsilon": 8.0})
     out = tmp_path / "run"
