@@ -6,28 +6,27 @@ round waits on them four times. `python -m client.supernode ARGS` (the daemon's 
 `--pace fast`, client/daemon.py) takes the same ARGS as `flower-supernode`, swaps the `time`
 module of `flwr.supernode.start_client_internal` (used there for those three sleeps only) for a
 `_Clock` that waits `common.polling.Backoff` instead of 3 s and `REPLY_POLL` instead of 0.5 s, and
-runs Flower's entry point. Everything else (TLS, node authentication, the Fleet protocol) is
-Flower's code, unchanged.
+runs Flower's entry point, with `common.flower_patch.shorten_object_pulls` for the parts of the
+messages it pulls. Everything else (TLS, node authentication, the Fleet protocol) is Flower's
+code, unchanged.
 
-It patches only the code it was written against: Flower `FLOWER_VERSION`, whose patched functions
-have the source digests in `PATCHED` (tests/test_flower_pins.py fails when they change). On any
-other it says why and runs Flower unpatched.
+It patches only the code it was written against (`common.flower_patch.mismatch`): Flower
+`FLOWER_VERSION`, whose patched functions have the source digests in `PATCHED`
+(tests/test_flower_pins.py fails when they change). On any other it says why and runs Flower
+unpatched.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
 import sys
 import time
-from importlib.metadata import version
 from types import ModuleType
 
+from common.flower_patch import mismatch, shorten_object_pulls
 from common.polling import Backoff
 from common.proctitle import set_command_line
 
-FLOWER_VERSION = "1.39.0"
 # SHA-256 of the source of each function the patch relies on, in flwr 1.39.0: the loop that sleeps
 # IDLE_SLEEP when nothing was pulled, the pull whose result (a run id, or None) resets the backoff,
 # and the push that sleeps REPLY_SLEEP until the ClientApp's reply is stored.
@@ -39,10 +38,6 @@ PATCHED = {
 IDLE_SLEEP = 3  # Flower's sleeps, as written in that module
 REPLY_SLEEP = 0.5
 REPLY_POLL = 0.05  # a look at the node's own in-process state: cheap
-
-
-def source_digest(function) -> str:
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
 class _Clock:
@@ -61,16 +56,6 @@ class _Clock:
 
     def __getattr__(self, name: str):
         return getattr(time, name)
-
-
-def unpatchable(module: ModuleType) -> str | None:
-    """Why `module` is not the code the patch was written for, or None."""
-    installed = version("flwr")
-    if installed != FLOWER_VERSION:
-        return f"flwr {installed} is installed, the patch is for {FLOWER_VERSION} only"
-    changed = [name for name, digest in PATCHED.items()
-               if not hasattr(module, name) or source_digest(getattr(module, name)) != digest]
-    return f"{', '.join(changed)} changed in {module.__name__}" if changed else None
 
 
 def patch(module: ModuleType, sleep=time.sleep) -> _Clock:
@@ -94,11 +79,15 @@ def main() -> None:
     import flwr.supernode.start_client_internal as internal  # pylint: disable=import-outside-toplevel
     from flwr.supernode.cli import flower_supernode  # pylint: disable=import-outside-toplevel
 
-    reason = unpatchable(internal)
+    reason = mismatch(internal, PATCHED)
     if reason is None:
         patch(internal)
     else:
         print(f"fedtune-client: running Flower's SuperNode unpatched (3 s polls): {reason}",
+              file=sys.stderr, flush=True)
+    reason = shorten_object_pulls()
+    if reason is not None:
+        print(f"fedtune-client: the SuperNode retries a message's parts at Flower's pace (1 s and more): {reason}",
               file=sys.stderr, flush=True)
     sys.argv[0] = "flower-supernode"
     set_command_line(sys.argv)  # as operators know it in `ps`

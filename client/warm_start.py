@@ -26,6 +26,7 @@ import threading
 import traceback
 from pathlib import Path
 
+from common.flower_patch import shorten_object_pulls
 from common.models.kinds import KINDS
 from common.processes import flower_executable
 from common.proctitle import set_command_line
@@ -52,6 +53,10 @@ def _preload(model_dir: Path | None) -> None:
             from common.models.loading import import_model_code  # pylint: disable=import-outside-toplevel
 
             import_model_code(str(model_dir))
+        reason = shorten_object_pulls()  # the forks inherit it
+        if reason is not None:
+            print(f"fedtune-client: bundle gate: ClientApps retry a message's parts at Flower's pace: {reason}",
+                  file=sys.stderr, flush=True)
         # What is loaded now lives as long as the gate: out of the collector's sight, so that a
         # child's collections never write to (and so copy) the pages it shares with the gate.
         gc.collect()

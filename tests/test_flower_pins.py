@@ -1,8 +1,8 @@
 """The Flower internals fedtune's speed-ups rely on, pinned: an upgrade that changes them fails here.
 
 client/supernode.py patches the SuperNode's sleeps; server/polling.py re-implements the Grid's
-`send_and_receive` on its public `push_messages` / `pull_messages`. Both were written against
-flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
+`send_and_receive` on its public `push_messages` / `pull_messages`; common/flower_patch.py shortens
+the retries of a message's object pulls. All were written against flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
 Grid wrapper, and update the digests.
 """
 
@@ -15,10 +15,13 @@ import tomllib
 from importlib.metadata import version
 
 import flwr.supernode.start_client_internal as supernode_internal
+from flwr.supercore import constant as flower_constants
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
 
 from client import supernode
+from common import flower_patch
 from common.config import REPO_ROOT
 from server.polling import PollingGrid
 from server.round_log import RecordingGrid
@@ -39,13 +42,35 @@ def digest(function) -> str:
 
 def test_the_installed_flower_is_the_one_pinned_in_pyproject_and_patched():
     pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "flwr[simulation]==" + supernode.FLOWER_VERSION in pins
-    assert version("flwr") == supernode.FLOWER_VERSION
+    assert "flwr[simulation]==" + flower_patch.FLOWER_VERSION in pins
+    assert version("flwr") == flower_patch.FLOWER_VERSION
 
 
 def test_the_supernode_functions_the_patch_relies_on_are_unchanged():
     assert {name: digest(getattr(supernode_internal, name)) for name in supernode.PATCHED} == supernode.PATCHED
-    assert supernode.unpatchable(supernode_internal) is None
+    assert flower_patch.mismatch(supernode_internal, supernode.PATCHED) is None
+
+
+def test_the_object_pulls_and_their_retry_defaults_are_the_ones_the_patch_shortens():
+    assert flower_patch.mismatch(inflatable_utils, flower_patch.OBJECT_PULLS) is None
+    assert {"max_tries_per_object": flower_constants.PULL_MAX_TRIES_PER_OBJECT,
+            "initial_backoff": flower_constants.PULL_INITIAL_BACKOFF,
+            "backoff_cap": flower_constants.PULL_BACKOFF_CAP} == flower_patch.FLOWER_RETRIES
+    # Every caller that pulls a message relies on the defaults: none passes its own.
+    for module in ("flwr.superlink.grid.http_grid", "flwr.supernode.start_client_internal",
+                   "flwr.supernode.runtime.run_clientapp"):
+        source = inspect.getsource(__import__(module, fromlist=["_"]))
+        assert "pull_objects(" in source or "pull_and_inflate_object_from_tree(" in source, module
+        assert "initial_backoff" not in source and "backoff_cap" not in source, module
+
+
+def test_shortened_object_pulls_retry_soon_and_keep_flowers_patience():
+    flower_patch.shorten_object_pulls()
+    for name in flower_patch.OBJECT_PULLS:
+        defaults = getattr(inflatable_utils, name).__kwdefaults__
+        assert defaults["initial_backoff"] == flower_patch.FIRST_RETRY
+        assert defaults["max_tries_per_object"] * defaults["backoff_cap"] == 500 * 10
+    assert flower_patch.shorten_object_pulls() is None  # twice is harmless
 
 
 def test_the_supernode_module_uses_time_for_its_three_sleeps_only():
@@ -60,13 +85,14 @@ def test_the_supernode_module_uses_time_for_its_three_sleeps_only():
 
 
 def test_the_launcher_refuses_to_patch_another_flower(monkeypatch):
-    monkeypatch.setattr(supernode, "version", lambda _package: "1.40.0")
-    assert "1.40.0" in supernode.unpatchable(supernode_internal)
+    monkeypatch.setattr(flower_patch, "version", lambda _package: "1.40.0")
+    assert "1.40.0" in flower_patch.mismatch(supernode_internal, supernode.PATCHED)
+    assert "1.40.0" in flower_patch.shorten_object_pulls()
 
 
 def test_the_launcher_refuses_to_patch_changed_code(monkeypatch):
     monkeypatch.setitem(supernode.PATCHED, "_push_messages", "0" * 64)
-    assert "_push_messages changed" in supernode.unpatchable(supernode_internal)
+    assert "_push_messages changed" in flower_patch.mismatch(supernode_internal, supernode.PATCHED)
 
 
 def test_the_grid_polling_relies_on_is_unchanged():

@@ -88,6 +88,31 @@ def test_the_wait_ends_as_soon_as_every_reply_is_in():
     assert len(replies) == 2 and time.monotonic() - started < 1.0
 
 
+class BlockingGrid(SlowGrid):
+    """Its first pull blocks for `block` s, as Flower's does while it retries a reply's missing parts."""
+
+    def __init__(self, delays: dict[int, float], block: float):
+        super().__init__(delays)
+        self.block = block
+
+    def pull_messages(self, message_ids):
+        first = self.pulls == 0
+        replies = super().pull_messages(message_ids)  # what was there when the pull began
+        if first:
+            time.sleep(self.block)
+        return replies
+
+
+def test_a_reply_that_arrived_during_a_pull_past_the_deadline_is_still_taken():
+    """Regression (test_daemon_kill, seed 692477): one institution's half-uploaded reply held a pull
+    past the round's timeout; the other's reply landed meanwhile and was never pulled, so its
+    release was spent but not aggregated."""
+    inner = BlockingGrid({7: 0.1}, block=0.6)
+    replies = PollingGrid(inner).send_and_receive([instruction(7), instruction(8)], timeout=0.3)
+    assert [reply.metadata.reply_to_message_id for reply in replies] == ["ins-0"]
+    assert inner.pulls == 2
+
+
 def test_the_flower_switch_restores_flowers_waits_on_both_sides(tmp_path: Path):
     flower_grid = SlowGrid({})
     assert waiting_grid(flower_grid, "flower") is flower_grid
