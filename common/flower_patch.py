@@ -32,6 +32,12 @@ OBJECT_PULLS = {
 FLOWER_RETRIES = {"max_tries_per_object": 500, "initial_backoff": 1, "backoff_cap": 10}
 FIRST_RETRY = 0.02
 RETRY_CAP = 0.5
+# What `shorten_object_pulls` sets: a short first retry, and Flower's total patience (its tries times its cap).
+SHORT_RETRIES = {
+    "max_tries_per_object": int(FLOWER_RETRIES["max_tries_per_object"] * FLOWER_RETRIES["backoff_cap"] / RETRY_CAP),
+    "initial_backoff": FIRST_RETRY,
+    "backoff_cap": RETRY_CAP,
+}
 
 
 def source_digest(function) -> str:
@@ -48,12 +54,6 @@ def mismatch(owner, pins: dict[str, str]) -> str | None:
     return f"{', '.join(changed)} changed in {owner.__name__}" if changed else None
 
 
-def short_retries() -> dict[str, float]:
-    """The retry defaults `shorten_object_pulls` sets: a short first retry, Flower's total patience."""
-    patience = FLOWER_RETRIES["max_tries_per_object"] * FLOWER_RETRIES["backoff_cap"]
-    return {"max_tries_per_object": int(patience / RETRY_CAP), "initial_backoff": FIRST_RETRY, "backoff_cap": RETRY_CAP}
-
-
 def shorten_object_pulls() -> str | None:
     """Retry a message's missing objects soon; returns why it did not (the code is not the pinned one), or None."""
     from flwr.supercore.inflatable import inflatable_utils  # pylint: disable=import-outside-toplevel
@@ -61,8 +61,5 @@ def shorten_object_pulls() -> str | None:
     reason = mismatch(inflatable_utils, OBJECT_PULLS)
     if reason is None:
         for name in OBJECT_PULLS:
-            defaults = getattr(inflatable_utils, name).__kwdefaults__
-            if any(defaults[key] not in (flower, short_retries()[key]) for key, flower in FLOWER_RETRIES.items()):
-                return f"{name}'s retry defaults are not Flower's: {defaults}"
-            defaults.update(short_retries())
+            getattr(inflatable_utils, name).__kwdefaults__.update(SHORT_RETRIES)
     return reason

@@ -9,7 +9,6 @@ Grid wrapper, and update the digests.
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import tomllib
 from importlib.metadata import version
@@ -36,10 +35,6 @@ HTTP_GRID = {
 }
 
 
-def digest(function) -> str:
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
-
-
 def test_the_installed_flower_is_the_one_pinned_in_pyproject_and_patched():
     pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "flwr[simulation]==" + flower_patch.FLOWER_VERSION in pins
@@ -47,7 +42,7 @@ def test_the_installed_flower_is_the_one_pinned_in_pyproject_and_patched():
 
 
 def test_the_supernode_functions_the_patch_relies_on_are_unchanged():
-    assert {name: digest(getattr(supernode_internal, name)) for name in supernode.PATCHED} == supernode.PATCHED
+    assert {name: flower_patch.source_digest(getattr(supernode_internal, name)) for name in supernode.PATCHED} == supernode.PATCHED
     assert flower_patch.mismatch(supernode_internal, supernode.PATCHED) is None
 
 
@@ -64,13 +59,18 @@ def test_the_object_pulls_and_their_retry_defaults_are_the_ones_the_patch_shorte
         assert "initial_backoff" not in source and "backoff_cap" not in source, module
 
 
-def test_shortened_object_pulls_retry_soon_and_keep_flowers_patience():
-    flower_patch.shorten_object_pulls()
-    for name in flower_patch.OBJECT_PULLS:
-        defaults = getattr(inflatable_utils, name).__kwdefaults__
-        assert defaults["initial_backoff"] == flower_patch.FIRST_RETRY
-        assert defaults["max_tries_per_object"] * defaults["backoff_cap"] == 500 * 10
+def test_shortened_object_pulls_retry_soon_and_keep_flowers_patience(monkeypatch):
+    functions = [getattr(inflatable_utils, name) for name in flower_patch.OBJECT_PULLS]
+    for function in functions:  # this test process keeps Flower's defaults afterwards
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
+    assert flower_patch.shorten_object_pulls() is None
     assert flower_patch.shorten_object_pulls() is None  # twice is harmless
+    flower = flower_patch.FLOWER_RETRIES
+    for function in functions:
+        defaults = function.__kwdefaults__
+        assert defaults["initial_backoff"] == flower_patch.FIRST_RETRY < flower["initial_backoff"]
+        assert defaults["backoff_cap"] < flower["backoff_cap"]
+        assert defaults["max_tries_per_object"] * defaults["backoff_cap"] == flower["max_tries_per_object"] * flower["backoff_cap"]
 
 
 def test_the_supernode_module_uses_time_for_its_three_sleeps_only():
@@ -96,7 +96,7 @@ def test_the_launcher_refuses_to_patch_changed_code(monkeypatch):
 
 
 def test_the_grid_polling_relies_on_is_unchanged():
-    assert {name: digest(getattr(HttpGrid, name)) for name in HTTP_GRID} == HTTP_GRID
+    assert {name: flower_patch.source_digest(getattr(HttpGrid, name)) for name in HTTP_GRID} == HTTP_GRID
 
 
 def test_the_grid_wrappers_forward_every_method_of_flowers_grid():
