@@ -25,9 +25,10 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from pydantic import ValidationError
 
+from client.app import local_log
 from client.local_data import LocalData, load_local_data
 from client.privacy.grant import Request, allowance, grant_for
-from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from client.privacy.ledger import LEDGER_FILE, RDP_MEMO_FILE, PrivacyLedger
 from client.trainer import train_dp
 from common import messages as m
 from common.accounting import compact
@@ -38,6 +39,7 @@ from common.model_files import default_cache_dir, model_digest
 from common.models.device import pick_device
 from common.models.kinds import model_kind
 from common.models.transport import from_ndarrays, load_trainable_state, to_ndarrays, trainable_state
+from common.opacus_patch import load_memo, save_memo
 from common.progress import emit
 
 STATE_DIR_ENV = "FEDTUNE_STATE_DIR"
@@ -107,10 +109,16 @@ def train_round(msg: Message, context: Context) -> Message:
     except DataError as exc:
         raise Refused(Reason.DATA_MISMATCH, str(exc)) from None
     ledger = PrivacyLedger(state_dir(node) / LEDGER_FILE)
+    memo = ledger.path.with_name(RDP_MEMO_FILE)
+    if (ignored := load_memo(memo)) is not None:
+        local_log(ignored)
     dataset = node.dataset_id or local.name
     request = Request.of(job)
     grant = grant_for(ledger, dataset, job_id, request, len(local.records))
     allowed = allowance(ledger, dataset, job_id, grant)
+    # The next round accounts for the same mechanisms: keep their RDP values for its process.
+    save_memo(memo, [(noise, rate) for noise, rate, _ in ledger.history(dataset)]
+              + [(grant.plan.noise_multiplier, grant.plan.sample_rate)])
     budget, plan = ledger.dataset(dataset).budget, grant.plan
 
     model, features = _prepared(

@@ -3,7 +3,8 @@
 The state is always the accountant's own history, a list of (noise multiplier, sample rate,
 steps) entries in Opacus' format; epsilon is recomputed from it on demand and never stored.
 Pure functions, so they test without a network or a model. Opacus (and torch with it) is imported
-by the functions that account, not by this module, so that operator commands stay quick.
+by the functions that account, not by this module, so that operator commands stay quick; they
+memoise Opacus' per-step RDP (common/opacus_patch.py), which changes no number.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from common.opacus_patch import memoize_rdp
 
 HistoryEntry = tuple[float, float, int]
 
@@ -59,6 +62,7 @@ def restore_accountant(state: dict, accountant: str):
     under another mechanism, so a history is never read under one it was not kept for."""
     from opacus.accountants import create_accountant
 
+    memoize_rdp()
     acc = create_accountant(accountant)
     acc.load_state_dict(state)
     return acc
@@ -129,6 +133,7 @@ def _noise_for(grant: float, delta: float, rate: float, steps: int, accountant: 
     """Opacus' noise search (seconds under PRV), once per mechanism: institutions of one size plan alike."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    memoize_rdp()
     return get_noise_multiplier(target_epsilon=grant, target_delta=delta, sample_rate=rate, steps=steps,
                                 accountant=accountant, epsilon_tolerance=0.01 * grant)
 

@@ -44,11 +44,12 @@ def source_digest(function) -> str:
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
-def mismatch(owner, pins: dict[str, str]) -> str | None:
-    """Why `owner` (a module) is not the Flower code pinned in `pins` (name -> source digest), or None."""
-    installed = version("flwr")
-    if installed != FLOWER_VERSION:
-        return f"flwr {installed} is installed, the patch is for {FLOWER_VERSION} only"
+def mismatch(owner, pins: dict[str, str], distribution: str = "flwr", pinned: str = FLOWER_VERSION) -> str | None:
+    """Why `owner` (a module) is not the code pinned in `pins` (name -> source digest) of `distribution`
+    at version `pinned` (Flower's, unless named), or None."""
+    installed = version(distribution)
+    if installed != pinned:
+        return f"{distribution} {installed} is installed, the patch is for {pinned} only"
     changed = [name for name, digest in pins.items()
                if not hasattr(owner, name) or source_digest(getattr(owner, name)) != digest]
     return f"{', '.join(changed)} changed in {owner.__name__}" if changed else None

@@ -13,15 +13,19 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import time
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
 import pytest
 import tomli_w
+from opacus.accountants.analysis import rdp as opacus_rdp
 
+from client.privacy.ledger import LEDGER_FILE, RDP_MEMO_FILE
 from common.processes import FlowerProcess, flower_env, flower_executable
 from server import pki
 from server.fleet_events import FLEET_EVENTS_FILE, Fault, FleetEvent, key_sha256
@@ -53,7 +57,15 @@ def test_job_finishes_over_tls_with_every_institution_in_every_round(coordinator
     assert sorted(inst["name"] for inst in metrics["institutions"]) == ["alpha", "beta"]
     assert all(inst["rounds"] == 2 for inst in metrics["institutions"])
     for name in ("alpha", "beta"):  # each institution's privacy ledger stays in its own state folder
-        assert (federation.folder / name / "state" / "ledger.sqlite").is_file()
+        state = federation.folder / name / "state"
+        assert (state / LEDGER_FILE).is_file()
+        # Beside it, Opacus' own RDP values of the ledger's mechanisms, for the next round's process.
+        with closing(sqlite3.connect(state / LEDGER_FILE)) as db:
+            mechanisms = set(db.execute("SELECT sample_rate, noise_multiplier FROM releases"))
+        memo = json.loads((state / RDP_MEMO_FILE).read_text())["entries"]
+        assert mechanisms and {(rate, noise) for rate, noise, _, _ in memo} == mechanisms
+        opacus_own = getattr(opacus_rdp._compute_rdp, "__wrapped__", opacus_rdp._compute_rdp)
+        assert all(value == opacus_own(rate, noise, order) for rate, noise, order, value in memo[::25])
     rounds = metrics["rounds"]
     print(f"\njob: {seconds:.0f} s end to end; ServerApp {metrics['wall_seconds']:.0f} s; "
           f"round 1 {rounds[1]['seconds'] - rounds[0]['seconds']:.1f} s, "

@@ -43,7 +43,8 @@ def test_a_process_shows_the_command_line_it_is_given():
 
 def test_the_gate_preloads_the_model_kinds_and_its_pinned_models_code_then_freezes_them(tmp_path: Path):
     """What every training message would otherwise import (peft: seconds; transformers imports a
-    model's `modeling_*` lazily) is loaded once, and kept out of the collector's sight so that a
+    model's `modeling_*` lazily) or build (transformers' table of checkpoint renamings, on the first
+    `from_pretrained` of a process) is made once, and kept out of the collector's sight so that a
     fork's collections do not copy the gate's pages."""
     script = textwrap.dedent(f"""
         import gc, sys
@@ -53,8 +54,10 @@ def test_the_gate_preloads_the_model_kinds_and_its_pinned_models_code_then_freez
         assert "peft" not in sys.modules
         executor = WarmExecutor(Path({str(tmp_path)!r}), Path(default_model_path("classification")))
         executor.loader.join(timeout=300)
+        from transformers import conversion_mapping
         print(not executor.loader.is_alive(), "peft" in sys.modules,
-              "transformers.models.bert.modeling_bert" in sys.modules, gc.get_freeze_count() > 0)
+              "transformers.models.bert.modeling_bert" in sys.modules, gc.get_freeze_count() > 0,
+              conversion_mapping._checkpoint_conversion_mapping_cache is not None)
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=360)
-    assert result.stdout.split() == ["True"] * 4, result.stderr
+    assert result.stdout.split() == ["True"] * 5, result.stderr

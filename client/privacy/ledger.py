@@ -27,6 +27,7 @@ from pathlib import Path
 from common.accounting import HistoryEntry, NoisePlan, accountant_state, restore_accountant
 
 LEDGER_FILE = "ledger.sqlite"  # in the node's state folder
+RDP_MEMO_FILE = "rdp-memo.json"  # beside it: Opacus' RDP values of its mechanisms (common/opacus_patch.py)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
