@@ -116,9 +116,6 @@ def train_round(msg: Message, context: Context) -> Message:
     request = Request.of(job)
     grant = grant_for(ledger, dataset, job_id, request, len(local.records))
     allowed = allowance(ledger, dataset, job_id, grant)
-    # The next round accounts for the same mechanisms: keep their RDP values for its process.
-    save_memo(memo, [(noise, rate) for noise, rate, _ in ledger.history(dataset)]
-              + [(grant.plan.noise_multiplier, grant.plan.sample_rate)])
     budget, plan = ledger.dataset(dataset).budget, grant.plan
 
     model, features = _prepared(
@@ -128,6 +125,8 @@ def train_round(msg: Message, context: Context) -> Message:
     names = list(trainable_state(model))
     load_trainable_state(model, from_ndarrays(names, parameters_to_ndarrays(instruction.parameters)))
     history = ledger.history(dataset)
+    # The next round accounts for the same mechanisms: keep their RDP values for its process.
+    save_memo(memo, [(noise, rate) for noise, rate, _ in history] + [(plan.noise_multiplier, plan.sample_rate)])
     job_steps = sum(steps for _, _, steps in ledger.history(dataset, job_id))
     entry = ledger.reserve(
         dataset, job_id, server_round, allowed.steps, plan.sample_rate, plan.noise_multiplier,
