@@ -138,7 +138,8 @@ def gate_command(settings: NodeSettings, supernode_pid: int) -> list[str]:
                "--runtime-api-address", f"{dial_host(settings.host)}:{settings.port}",
                "--state-dir", str(settings.state_dir), "--name", settings.name,
                "--superexec-auth-secret-file", str(settings.state_dir / SUPEREXEC_SECRET),
-               "--parent-pid", str(supernode_pid), "--pace", settings.pace, "--model-dir", str(settings.model_dir)]
+               "--parent-pid", str(supernode_pid), "--pace", settings.pace,
+               "--model-dir", str(settings.model_dir.resolve()), "--model-sha256", settings.model_sha256]
     return command + (["--allow-any-bundle"] if settings.allow_any_bundle else [])
 
 

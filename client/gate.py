@@ -93,14 +93,15 @@ def report_exits() -> None:
 
 class Gate:
     def __init__(self, address: str, state_dir: Path, name: str, allow_any: bool, secret: bytes | None = None,
-                 warm: bool = False, model_dir: Path | None = None):
+                 warm: bool = False, model_dir: Path | None = None, model_sha256: str | None = None):
         """`secret`: the SuperNode's SuperExec auth secret, which signs the gate's task claims. `warm`:
         ClientApps forked from this process once it has imported the training libraries and the code of
-        the node's model (`model_dir`), see client/warm_start.py."""
+        the node's model (`model_dir`) and loaded that model if it is the pinned one (`model_sha256`), see
+        client/warm_start.py."""
         self.address, self.name, self.allow_any, self.secret = address, name, allow_any, secret
         self.approvals = approvals_file(state_dir)
         token_dir = Path(state_dir) / TOKEN_DIR
-        self.executor = WarmExecutor(token_dir, model_dir) if warm else TokenFileExecutor(token_dir)
+        self.executor = WarmExecutor(token_dir, model_dir, model_sha256) if warm else TokenFileExecutor(token_dir)
         self.launcher = AutoExecPlugin(runtime_api_address=address, insecure=True, root_certificates_path=None,
                                        executor=self.executor)
 
@@ -162,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pace", choices=get_args(Pace), default=DEFAULT_PACE,
                         help="'fast': claim tasks on a short, backing-off poll and start ClientApps warm; 'flower': "
                         "every 1 s, each ClientApp a fresh process (common.config.Pace)")
-    parser.add_argument("--model-dir", type=Path, metavar="DIR", help="the node's pinned model, whose code warm "
-                        "ClientApps find loaded")
+    parser.add_argument("--model-dir", type=Path, metavar="DIR", help="the node's pinned model, whose code (and, "
+                        "with --model-sha256, the model itself) warm ClientApps find loaded")
+    parser.add_argument("--model-sha256", metavar="HEX", help="the digest the node pinned the model folder at")
     args = parser.parse_args(argv)
     start_parent_process_monitor(args.parent_pid)  # raises SIGINT here once the SuperNode is gone
     try:
         secret = read_secret(args.superexec_auth_secret_file)
         fast = args.pace == "fast"
         gate = Gate(args.runtime_api_address, args.state_dir, args.name, args.allow_any_bundle, secret,
-                    warm=fast, model_dir=args.model_dir)
+                    warm=fast, model_dir=args.model_dir, model_sha256=args.model_sha256)
         gate.serve(Backoff() if fast else None)
     except KeyboardInterrupt:
         pass

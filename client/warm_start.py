@@ -3,7 +3,8 @@
 Flower starts a fresh `flwr-clientapp` process for every message, and the one that trains spends
 seconds importing torch, transformers, peft and Opacus before it reads a record (BENCHMARKS.md),
 every round. `WarmExecutor` imports them once, in the gate, in the background (with the code of the
-node's pinned model, which transformers would import lazily in each process), and starts each
+node's pinned model, which transformers would import lazily in each process, and the model itself,
+which each training message then takes instead of loading it: common/models/loading.py), and starts each
 ClientApp as a fork of the gate that runs Flower's own `flwr-clientapp` entry point with the
 command line it would have had (and shows it, common/proctitle.py). Each message still gets its own
 process, a child of the gate as before (its token file, its exit report, its process group unchanged).
@@ -26,7 +27,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from common.flower_patch import shorten_object_pulls
+from common.flower_patch import reuse_installed_bundles, shorten_object_pulls
 from common.models.kinds import KINDS
 from common.processes import flower_executable
 from common.proctitle import set_command_line
@@ -45,18 +46,22 @@ def forget_fedtune_modules() -> None:
     importlib.invalidate_caches()
 
 
-def _preload(model_dir: Path | None) -> None:
+def _preload(model_dir: Path | None, model_sha256: str | None) -> None:
     try:
         for name in PRELOAD:
             importlib.import_module(name)
         if model_dir is not None:
-            from common.models.loading import import_model_code  # pylint: disable=import-outside-toplevel
+            # pylint: disable-next=import-outside-toplevel
+            from common.models.loading import import_model_code, preload_model
 
             import_model_code(str(model_dir))
-        reason = shorten_object_pulls()  # the forks inherit it
-        if reason is not None:
-            print(f"fedtune-client: bundle gate: ClientApps retry a message's parts at Flower's pace: {reason}",
-                  file=sys.stderr, flush=True)
+            if model_sha256 is not None and (reason := preload_model(model_dir, model_sha256)) is not None:
+                print(f"fedtune-client: bundle gate: each training message loads the model: {reason}",
+                      file=sys.stderr, flush=True)
+        for patch, without in ((shorten_object_pulls, "retry a message's parts at Flower's pace"),
+                               (reuse_installed_bundles, "unzip and verify the bundle for every message")):
+            if (reason := patch()) is not None:  # the forks inherit the patch
+                print(f"fedtune-client: bundle gate: ClientApps {without}: {reason}", file=sys.stderr, flush=True)
         # What is loaded now lives as long as the gate: out of the collector's sight, so that a
         # child's collections never write to (and so copy) the pages it shares with the gate.
         gc.collect()
@@ -69,9 +74,9 @@ def _preload(model_dir: Path | None) -> None:
 class WarmExecutor(TokenFileExecutor):
     """A TokenFileExecutor that forks each ClientApp from this (preloaded) process once it can."""
 
-    def __init__(self, token_dir: Path, model_dir: Path | None = None):
+    def __init__(self, token_dir: Path, model_dir: Path | None = None, model_sha256: str | None = None):
         super().__init__(token_dir)
-        self.loader = threading.Thread(target=_preload, args=(model_dir,), name="preload", daemon=True)
+        self.loader = threading.Thread(target=_preload, args=(model_dir, model_sha256), name="preload", daemon=True)
         self.loader.start()
 
     def start(self, args: list[str], quiet: bool) -> int:

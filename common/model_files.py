@@ -72,13 +72,14 @@ def resolve_base(name: str) -> str:
     return str(known)
 
 
-def model_digest(folder: str | Path) -> str:
-    """SHA-256 over every file of a model folder: relative path, size and bytes, in path order."""
+def model_digest(folder: str | Path, fresh: bool = False) -> str:
+    """SHA-256 over every file of a model folder: relative path, size and bytes, in path order;
+    `fresh`: read the bytes even if this process hashed the folder with these sizes and times before."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such model folder")
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file())
-    return _digest(folder, stamp)
+    return (_digest.__wrapped__ if fresh else _digest)(folder, stamp)
 
 
 @functools.lru_cache(maxsize=8)

@@ -67,6 +67,7 @@ FINISHED = "finished"
 COMPLETED = "finished:completed"
 FAILED = "finished:failed"
 RESUME_LOCK = "resume.lock"
+STATUS_CHECK_SECONDS = 30.0  # see `Coordinator.follow`
 
 
 class CoordinatorError(RuntimeError):
@@ -409,26 +410,30 @@ class Coordinator:
         rows = self.flwr(*args)["runs"]
         return [dict(row, out=known.get(str(row["run-id"]), {}).get("out")) for row in rows]
 
-    def follow(self, run_id: str, show_logs: bool = True, poll: float = 3.0) -> dict:
-        """Wait for the run to finish, streaming the ServerApp's log; the run's final record."""
-        logs = None
-        if show_logs:
-            logs = FlowerProcess([flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"], self.env())
+    def follow(self, run_id: str, show_logs: bool = True, poll: float = 3.0,
+               check: float = STATUS_CHECK_SECONDS) -> dict:
+        """Wait for the run to finish; the run's final record.
+
+        Each status check is a `flwr ls` process, about a CPU-second: asked every 3 s it took a sixth of a
+        2-core machine from the job it waited for (BENCHMARKS.md). So the wait is on Flower's log stream of
+        the run (one process, shown unless `show_logs` is False), which ends when the run has finished; the
+        status is checked when it ends and every `check` s besides, and every `poll` s once the stream is
+        gone without the run having finished (it broke, e.g. when the SuperLink was restarted).
+        """
+        stream = FlowerProcess([flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"], self.env(),
+                               stdout=None if show_logs else subprocess.DEVNULL)
         try:
-            while True:
-                run = self.runs(run_id)[0]
-                if run["status"].startswith(FINISHED):
-                    break
-                time.sleep(poll)
-            if logs is not None:
-                try:
-                    logs.wait(timeout=15)  # the stream ends by itself once the run has finished
-                except subprocess.TimeoutExpired:
-                    pass
+            while not (run := self.runs(run_id)[0])["status"].startswith(FINISHED):
+                if stream.poll() is None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        stream.wait(timeout=check)
+                else:
+                    time.sleep(poll)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                stream.wait(timeout=15)  # the rest of the log: the stream ends by itself once the run has finished
             return run
         finally:
-            if logs is not None:
-                logs.stop(grace=2)
+            stream.stop(grace=2)
 
     def export(self, run_id: str, to: Path) -> Path:
         run = self.runs(run_id)[0]

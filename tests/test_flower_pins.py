@@ -2,7 +2,7 @@
 
 client/supernode.py patches the SuperNode's sleeps; server/polling.py re-implements the Grid's
 `send_and_receive` on its public `push_messages` / `pull_messages`; common/flower_patch.py shortens
-the retries of a message's object pulls. All were written against flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
+the retries of a message's object pulls and lets a ClientApp use an installed bundle as is. All were written against flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
 Grid wrapper, and update the digests.
 """
 
@@ -11,13 +11,18 @@ from __future__ import annotations
 import ast
 import inspect
 import tomllib
+import zipfile
 from importlib.metadata import version
 
 import flwr.supernode.start_client_internal as supernode_internal
+import pytest
+from flwr.cli import install
+from flwr.cli.build import build_fab_from_disk
 from flwr.supercore import constant as flower_constants
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.serverapp import Grid
 from flwr.superlink.grid.http_grid import HttpGrid
+from flwr.supernode.runtime import run_clientapp
 
 from client import supernode
 from common import flower_patch
@@ -88,6 +93,7 @@ def test_the_launcher_refuses_to_patch_another_flower(monkeypatch):
     monkeypatch.setattr(flower_patch, "version", lambda _package: "1.40.0")
     assert "1.40.0" in flower_patch.mismatch(supernode_internal, supernode.PATCHED)
     assert "1.40.0" in flower_patch.shorten_object_pulls()
+    assert "1.40.0" in flower_patch.reuse_installed_bundles()
 
 
 def test_the_launcher_refuses_to_patch_changed_code(monkeypatch):
@@ -120,3 +126,37 @@ def test_the_fleet_server_is_built_with_the_node_auth_interceptor_the_superlink_
     module = sys.modules[SuperLinkLifespan.__module__]
     assert "NodeAuthServerInterceptor(self.state_factory)" in inspect.getsource(SuperLinkLifespan._start_legacy_fleet_grpc_rere)
     assert issubclass(KeyRefusalsRecorded, module.NodeAuthServerInterceptor)
+
+
+def test_the_installer_and_its_clientapp_caller_are_the_code_the_reuse_patch_repeats():
+    assert flower_patch.mismatch(install, flower_patch.BUNDLE_INSTALL) is None
+    assert flower_patch.mismatch(run_clientapp, flower_patch.CLIENTAPP_RUN) is None
+
+
+def test_an_installed_bundle_is_used_as_is_and_any_other_is_installed_by_flower(tmp_path, monkeypatch):
+    """The patched installer gives the folder Flower itself installed the bundle in, without unzipping
+    it again; a bundle not installed yet, or not a bundle at all, goes to Flower's installer."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setattr(run_clientapp, "install_from_fab", run_clientapp.install_from_fab)  # restored afterwards
+    bundle = build_fab_from_disk(REPO_ROOT)
+    assert flower_patch.installed_folder(bundle) is None  # not installed yet
+    assert flower_patch.reuse_installed_bundles() is None
+    unzipped = []
+    flower_extract = install.safe_extract_zip
+    monkeypatch.setattr(install, "safe_extract_zip", lambda *args: unzipped.append(1) or flower_extract(*args))
+
+    folder = run_clientapp.install_from_fab(bundle, skip_prompt=True)  # Flower installs it
+    assert unzipped == [1] and (folder / "pyproject.toml").is_file()
+    assert flower_patch.installed_folder(bundle) == folder
+    assert run_clientapp.install_from_fab(bundle, skip_prompt=True) == folder and unzipped == [1]  # used as is
+
+    app = tmp_path / "other-app"  # another version of the app: another bundle, not installed
+    for pattern in ("common", "common/models", "client", "client/privacy", "server"):  # fab-include's folders
+        (app / pattern).mkdir(parents=True)
+        (app / pattern / "__init__.py").write_text("")
+    (app / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text().replace(
+        'version = "0.1.0"', 'version = "0.1.1"', 1))
+    other = build_fab_from_disk(app)
+    assert run_clientapp.install_from_fab(other, skip_prompt=True) != folder and unzipped == [1, 1]
+    with pytest.raises(zipfile.BadZipFile):  # Flower's own answer to a broken bundle
+        run_clientapp.install_from_fab(b"not a zip", skip_prompt=True)

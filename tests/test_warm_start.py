@@ -61,3 +61,51 @@ def test_the_gate_preloads_the_model_kinds_and_its_pinned_models_code_then_freez
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=360)
     assert result.stdout.split() == ["True"] * 5, result.stderr
+
+
+def test_a_warm_fork_builds_the_pinned_model_from_the_gates_copy_and_loads_it_only_once(tmp_path: Path):
+    """Later rounds pay no model load: the gate loads the node's pinned model once, and the training
+    message's ClientApp (a fork that forgot fedtune's modules) adapts that copy instead of loading the
+    folder, with the same weights as a model built from disk. A folder that is not the pinned one is
+    not preloaded, and a second build in the same process loads its own copy."""
+    script = textwrap.dedent("""
+        import hashlib, os, sys
+        from pathlib import Path
+        import torch
+        from common.config import ModelConfig
+        from common.model_files import default_model_path, model_digest
+        from common.models import encoder
+        from common.models.loading import preload_model
+
+        def digest(model):
+            hashed = hashlib.sha256()
+            for name, tensor in sorted(model.state_dict().items()):
+                hashed.update(name.encode() + tensor.numpy().tobytes())
+            return hashed.hexdigest()
+
+        folder = Path(default_model_path("classification")).resolve()
+        config = ModelConfig(path=str(folder), sha256=model_digest(folder))
+        assert "not the pinned model" in preload_model(folder, "0" * 64)
+        from_disk = digest(encoder.build_model(config, ["a", "b"], torch.device("cpu")))  # nothing was preloaded
+        assert preload_model(folder, config.sha256) is None
+        read, write = os.pipe()
+        if os.fork() == 0:
+            import client.warm_start as warm
+            warm.forget_fedtune_modules()
+            import transformers
+            loads = []
+            real = transformers.AutoModel.from_pretrained.__func__
+            transformers.AutoModel.from_pretrained = classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k))
+            from common.models import encoder as bundle_encoder  # the bundle's module, not the gate's
+            first = digest(bundle_encoder.build_model(config, ["a", "b"], torch.device("cpu")))
+            after_first = len(loads)
+            bundle_encoder.build_model(config, ["a", "b"], torch.device("cpu"))
+            os.write(write, f"{first} {after_first} {len(loads)}".encode())
+            os._exit(0)
+        os.wait()
+        print(from_disk, os.read(read, 1000).decode())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    from_disk, in_fork, loads_after_first, loads_after_second = result.stdout.split()
+    assert in_fork == from_disk, result.stderr  # the gate's copy, adapted: the same model as one loaded from disk
+    assert (loads_after_first, loads_after_second) == ("0", "1")

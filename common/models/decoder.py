@@ -32,14 +32,14 @@ from common.config import ModelConfig
 from common.data import Records
 from common.model_files import ModelError, model_digest
 from common.models.features import IGNORE, Features, cached, features_key, frozen_features
-from common.models.loading import load_tokenizer, model_path
+from common.models.loading import load_tokenizer, model_path, take_loaded
 
 
 class _Stop(Exception):
     """Raised by a hook once the frozen part's output is captured: the rest need not run."""
 
 
-def _load_base(path: str) -> PreTrainedModel:
+def load_pretrained(path: str) -> PreTrainedModel:
     """Loaded afresh for each model built (seconds): a cached copy to deep-copy from would hold a
     second copy of an LLM's weights in every process."""
     try:
@@ -86,7 +86,9 @@ def build_model(config: ModelConfig, labels: list[str], device: torch.device, se
     """A fresh LoRA causal LM; the same seed gives the same initial weights on every party.
     `labels` is unused: a label is generated as text."""
     path = model_path(config)
-    base = _load_base(path)
+    base = take_loaded(config)
+    if base is None:
+        base = load_pretrained(path)
     layers = len(_layers(base))
     if config.trainable_layers > layers:
         raise ModelError(f"model.trainable_layers={config.trainable_layers} but {path} has {layers} layers")

@@ -22,7 +22,7 @@ from common.config import ModelConfig
 from common.data import Records
 from common.model_files import ModelError, model_digest
 from common.models.features import Features, cached, features_key, frozen_features
-from common.models.loading import load_tokenizer, model_path
+from common.models.loading import load_tokenizer, model_path, take_loaded
 
 
 def _check_encoder(backbone: PreTrainedModel) -> None:
@@ -33,7 +33,7 @@ def _check_encoder(backbone: PreTrainedModel) -> None:
         )
 
 
-def _load_backbone(path: str) -> PreTrainedModel:
+def load_pretrained(path: str) -> PreTrainedModel:
     """A fresh copy from disk each time: loading (memory-mapped safetensors) is faster than
     deep-copying a cached one, and each model gets adapters injected into its own copy."""
     try:
@@ -74,7 +74,9 @@ class TextClassifier(nn.Module):
 def build_model(config: ModelConfig, labels: list[str], device: torch.device, seed: int = 0) -> TextClassifier:
     """A fresh LoRA classifier; the same seed gives the same initial weights on every party."""
     path = model_path(config)
-    backbone = _load_backbone(path)
+    backbone = take_loaded(config)
+    if backbone is None:
+        backbone = load_pretrained(path)
     layers = len(backbone.encoder.layer)
     if config.trainable_layers > layers:
         raise ModelError(f"model.trainable_layers={config.trainable_layers} but {path} has {layers} layers")

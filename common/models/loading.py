@@ -1,15 +1,28 @@
-"""Model folders and their tokenizers, loaded once per process."""
+"""Model folders and their tokenizers, loaded once per process; a deployed node's model, once per node.
+
+A bundle gate (client/gate.py) loads its node's pinned model once, before it forks any ClientApp
+(`preload_model`); the ClientApp that builds the model takes that copy (`take_loaded`) instead of
+loading the folder again, every training message. The copy is kept in a `sys.modules` entry outside
+fedtune's packages (`LOADED`): a warm fork forgets fedtune's own modules, not third-party objects
+(client/warm_start.py).
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
 
 from transformers import AutoConfig, AutoTokenizer
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from common.config import ModelConfig
-from common.model_files import default_model_path
+from common.model_files import default_model_path, model_digest
+from common.models.kinds import KINDS, task_of_folder
+
+LOADED = "fedtune_loaded_models"
 
 
 def model_path(config: ModelConfig) -> str:
@@ -29,3 +42,31 @@ def import_model_code(path: str) -> None:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
     get_checkpoint_conversion_mapping(config.model_type)  # cached in transformers for the process
+
+
+def loaded_key(config: ModelConfig) -> tuple:
+    """What a preloaded model is kept under: the task, the folder and its pinned digest (None outside a
+    deployment, where nothing is preloaded)."""
+    return config.task, model_path(config), config.sha256
+
+
+def take_loaded(config: ModelConfig):
+    """The model the gate loaded for this config, once per process (a second build loads its own); or None."""
+    holder = sys.modules.get(LOADED)
+    return None if holder is None else holder.models.pop(loaded_key(config), None)
+
+
+def preload_model(folder: Path, sha256: str) -> str | None:
+    """Load the node's pinned model for the ClientApps forked from this process; why not, or None.
+
+    Digested before and after loading, the second time from the bytes whatever the per-process
+    digest cache says, so that what is kept was read from the pinned files."""
+    if model_digest(folder) != sha256:
+        return f"{folder} is not the pinned model (sha256 {sha256})"
+    task = task_of_folder(str(folder))
+    model = importlib.import_module(KINDS[task]).load_pretrained(str(folder))
+    if model_digest(folder, fresh=True) != sha256:
+        return f"{folder} changed while it was loaded"
+    holder = sys.modules.setdefault(LOADED, ModuleType(LOADED))
+    holder.models = {(task, str(folder), sha256): model}
+    return None
