@@ -55,9 +55,14 @@ def _preload(model_dir: Path | None, model_sha256: str | None) -> None:
             from common.models.loading import import_model_code, preload_model
 
             import_model_code(str(model_dir))
-            if model_sha256 is not None and (reason := preload_model(model_dir, model_sha256)) is not None:
-                print(f"fedtune-client: bundle gate: each training message loads the model: {reason}",
-                      file=sys.stderr, flush=True)
+            if model_sha256 is not None:
+                try:
+                    reason = preload_model(model_dir, model_sha256)
+                except Exception as exc:  # noqa: BLE001 - the ClientApps load it themselves, and say why if they fail
+                    reason = f"preloading it failed: {type(exc).__name__}: {exc}"
+                if reason is not None:
+                    print(f"fedtune-client: bundle gate: each training message loads the model: {reason}",
+                          file=sys.stderr, flush=True)
         for patch, without in ((shorten_object_pulls, "retry a message's parts at Flower's pace"),
                                (reuse_installed_bundles, "unzip and verify the bundle for every message")):
             if (reason := patch()) is not None:  # the forks inherit the patch

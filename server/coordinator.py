@@ -417,8 +417,9 @@ class Coordinator:
         Each status check is a `flwr ls` process, about a CPU-second: asked every 3 s it took a sixth of a
         2-core machine from the job it waited for (BENCHMARKS.md). So the wait is on Flower's log stream of
         the run (one process, shown unless `show_logs` is False), which ends when the run has finished; the
-        status is checked when it ends and every `check` s besides, and every `poll` s once the stream is
-        gone without the run having finished (it broke, e.g. when the SuperLink was restarted).
+        status is checked when it ends and every `check` s besides; once the stream is gone without the run
+        having finished (it broke, e.g. when the SuperLink was restarted), after `poll` s, doubling up to
+        `check` (a stream started again would print the log again from its start).
         """
         stream = FlowerProcess([flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"], self.env(),
                                stdout=None if show_logs else subprocess.DEVNULL)
@@ -429,8 +430,10 @@ class Coordinator:
                         stream.wait(timeout=check)
                 else:
                     time.sleep(poll)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                stream.wait(timeout=15)  # the rest of the log: the stream ends by itself once the run has finished
+                    poll = min(2 * poll, check)
+            if show_logs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    stream.wait(timeout=15)  # the rest of the log: the stream ends by itself once the run has finished
             return run
         finally:
             stream.stop(grace=2)

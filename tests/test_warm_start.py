@@ -75,7 +75,7 @@ def test_a_warm_fork_builds_the_pinned_model_from_the_gates_copy_and_loads_it_on
         from common.config import ModelConfig
         from common.model_files import default_model_path, model_digest
         from common.models import encoder
-        from common.models.loading import preload_model
+        from common.models.loading import preload_model, take_loaded
 
         def digest(model):
             hashed = hashlib.sha256()
@@ -88,6 +88,9 @@ def test_a_warm_fork_builds_the_pinned_model_from_the_gates_copy_and_loads_it_on
         assert "not the pinned model" in preload_model(folder, "0" * 64)
         from_disk = digest(encoder.build_model(config, ["a", "b"], torch.device("cpu")))  # nothing was preloaded
         assert preload_model(folder, config.sha256) is None
+        others = [config.model_copy(update=change) for change in
+                  ({"sha256": "0" * 64}, {"path": str(folder.parent)}, {"task": "causal_lm"})]
+        assert [take_loaded(other) for other in others] == [None] * 3  # another digest, folder or task: not this copy
         read, write = os.pipe()
         if os.fork() == 0:
             import client.warm_start as warm

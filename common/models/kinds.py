@@ -23,10 +23,12 @@ def model_kind(config: ModelConfig) -> ModuleType:
 
 
 def task_of_folder(path: str) -> str:
-    """The task a model folder is most likely pinned for: `causal_lm` for a decoder (a `...ForCausalLM`
-    architecture), else `classification`. Only what a bundle gate preloads depends on it: a wrong guess
-    costs its ClientApps a load, never a wrong model (common/models/loading.py keys what it keeps by task)."""
+    """The task a model folder is most likely pinned for: `causal_lm` for a decoder (a `...ForCausalLM` or
+    `...LMHeadModel` architecture, as GPT-2's), else `classification`. Only what a bundle gate preloads
+    depends on it: a wrong guess costs its ClientApps a load, never a wrong model (common/models/loading.py
+    keys what it keeps by task)."""
     from transformers import AutoConfig  # pylint: disable=import-outside-toplevel
 
     architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
-    return "causal_lm" if any(name.endswith("ForCausalLM") for name in architectures) else "classification"
+    decoder = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    return "causal_lm" if decoder else "classification"
