@@ -18,8 +18,9 @@ And `reuse_installed_bundles()`, in the bundle gate for its forks: every ClientA
 calls Flower's `install_from_fab`, which unzips the whole bundle into a temporary folder, hashes
 every file against the bundle's manifest, and then, finding the bundle's folder already installed,
 returns that folder and deletes what it unzipped (0.02-0.06 s a message). The patched one reads
-only the bundle's `pyproject.toml`, computes the same folder name as `validate_and_install` (the
-bundle's SHA-256 is in it), and returns that folder when it exists; otherwise Flower installs it.
+only the bundle's `pyproject.toml`, asks Flower's `get_project_dir` for the bundle's folder (named
+as `validate_and_install` names it, the bundle's SHA-256 in it), and returns that folder when it
+exists; otherwise Flower installs it.
 """
 
 from __future__ import annotations
@@ -78,30 +79,27 @@ def shorten_object_pulls() -> str | None:
     return reason
 
 
-# Flower's installer, whose folder naming the patch repeats, and the ClientApp that calls it.
+# Flower's installer, whose early return the patch takes sooner, and the ClientApp that calls it.
 BUNDLE_INSTALL = {
     "install_from_fab": "481bd04cde5823220658a8a3e84e827a5ef38254223972e4e14c4cb3968e917e",
     "validate_and_install": "628b69fb852ae8584e978595f2e8451175a3e60acbad678df3f8e08fe27f13c6",
 }
 CLIENTAPP_RUN = {"run_clientapp": "0df7b3272ecdc6e6b52fa24a72d6e394c42a412ebed0cfbad31990e7abebf59b"}
+PROJECT_DIR = {"get_project_dir": "155c70517e73e59826aed10b3e3a0ba06e02feb3573fee44d23a32798edb632c"}  # the folder name both use
 
 
 def installed_folder(bundle: bytes) -> Path | None:
-    """The folder Flower installed `bundle` in (`validate_and_install`'s name for it), if it is there."""
+    """The folder Flower installed `bundle` in, if it is there: Flower's `get_project_dir`, the folder
+    `flwr-clientapp` loads the app from (`validate_and_install` names it the same way)."""
     # pylint: disable=import-outside-toplevel
-    from flwr.common.config import get_metadata_from_config
-    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
-    from flwr.supercore.utils import get_flwr_home
+    from flwr.common.config import get_metadata_from_config, get_project_dir
 
     try:
         with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
             config = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))
-        fab_id, fab_version = get_metadata_from_config(config)
-        publisher, project_name = fab_id.split("/")
+        folder = get_project_dir(*get_metadata_from_config(config), hashlib.sha256(bundle).hexdigest())
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError):
         return None  # Flower's installer says what is wrong with it
-    digest = hashlib.sha256(bundle).hexdigest()
-    folder = get_flwr_home() / APP_DIR / f"{publisher}.{project_name}.{fab_version}.{digest[:FAB_HASH_TRUNCATION]}"
     return folder if folder.is_dir() else None
 
 
@@ -110,9 +108,11 @@ def reuse_installed_bundles() -> str | None:
     pinned one), or None."""
     # pylint: disable=import-outside-toplevel
     from flwr.cli import install
+    from flwr.common import config
     from flwr.supernode.runtime import run_clientapp
 
-    reason = mismatch(install, BUNDLE_INSTALL) or mismatch(run_clientapp, CLIENTAPP_RUN)
+    reason = (mismatch(install, BUNDLE_INSTALL) or mismatch(run_clientapp, CLIENTAPP_RUN)
+              or mismatch(config, PROJECT_DIR))
     if reason is not None:
         return reason
     flower_install = install.install_from_fab

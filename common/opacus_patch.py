@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from common.flower_patch import mismatch
+from common.processes import write_private
 
 OPACUS_VERSION = "1.6.0"
 # The per-order RDP that is memoised, and the loop that looks it up as a module global.
@@ -90,9 +91,4 @@ def save_memo(path: Path, mechanisms: Iterable[tuple[float, float]]) -> None:
     written atomically and for its owner only."""
     wanted = {(float(rate), float(noise)) for noise, rate in mechanisms}
     entries = [[*key, value] for key, value in MEMO.items() if key[:2] in wanted]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump({"format": MEMO_FORMAT, "opacus": OPACUS_VERSION, "entries": entries}, handle)
-    os.replace(tmp, path)
+    write_private(path, json.dumps({"format": MEMO_FORMAT, "opacus": OPACUS_VERSION, "entries": entries}).encode())

@@ -18,6 +18,7 @@ import flwr.supernode.start_client_internal as supernode_internal
 import pytest
 from flwr.cli import install
 from flwr.cli.build import build_fab_from_disk
+from flwr.common import config as flower_config
 from flwr.supercore import constant as flower_constants
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.serverapp import Grid
@@ -131,6 +132,7 @@ def test_the_fleet_server_is_built_with_the_node_auth_interceptor_the_superlink_
 def test_the_installer_and_its_clientapp_caller_are_the_code_the_reuse_patch_repeats():
     assert flower_patch.mismatch(install, flower_patch.BUNDLE_INSTALL) is None
     assert flower_patch.mismatch(run_clientapp, flower_patch.CLIENTAPP_RUN) is None
+    assert flower_patch.mismatch(flower_config, flower_patch.PROJECT_DIR) is None
 
 
 def test_an_installed_bundle_is_used_as_is_and_any_other_is_installed_by_flower(tmp_path, monkeypatch):
