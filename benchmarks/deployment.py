@@ -4,8 +4,8 @@ pace against fedtune's, side by side.
 Starts a real coordinator (`fedtune-server start`, TLS + node authentication) and institutions
 (`fedtune-client start`) on 127.0.0.1, the way docs/operators.md does, and submits the same job
 with each `pace` setting (common/config.py): "flower" (Flower 1.39's fixed 3 s sleeps on both
-sides, as before) and "fast" (server/polling.py, client/supernode.py, and ClientApps started warm); the institutions are
-restarted with the matching `--pace`. Prints one table: wall time per round, the slowest
+sides, as before) and "fast" (server/polling.py, client/supernode.py, server/link_chores.py, and ClientApps
+started warm); the coordinator and the institutions are restarted with the matching `--pace`. Prints one table: wall time per round, the slowest
 institution's DP-SGD time in it (as reported: whole seconds, rounded up), the rest (coordination:
 polls, one process per message, imports, model loading, SecAgg+'s four exchanges), and payload
 bytes per institution per round; then what one training message's ClientApp process spends its
@@ -73,12 +73,14 @@ class Consortium:
             time.sleep(0.5)
         return process
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, pace: str) -> FlowerProcess:
         certs = self.folder / "ca"
-        self.cli("server", "ca", "init", "--dir", certs)
-        self.cli("server", "cert", "issue", "--dir", certs)
-        self.start("coordinator", "server", "start", "--state-dir", self.state, "--certs", certs,
-                   "--port", free_port(), "--fleet-address", self.fleet, ready="fedtune-server: ready")
+        if not certs.exists():
+            self.cli("server", "ca", "init", "--dir", certs)
+            self.cli("server", "cert", "issue", "--dir", certs)
+        return self.start("coordinator", "server", "start", "--state-dir", self.state, "--certs", certs,
+                          "--port", free_port(), "--fleet-address", self.fleet, "--pace", pace,
+                          ready="fedtune-server: ready")
 
     def admit(self, name: str, bundle: str) -> None:
         folder = self.folder / name
@@ -195,18 +197,20 @@ def main() -> int:
     lines = []
     with ExitStack() as stack:
         consortium = Consortium(folder, stack)
-        consortium.start_coordinator()
+        admitting = consortium.start_coordinator("flower")
         bundle = consortium.cli("server", "bundle").strip()
         files = split_data(folder, args.records, len(INSTITUTIONS))
         for name in INSTITUTIONS:
             consortium.admit(name, bundle)
+        admitting.stop()
         for count in (2, 3):
             results = {}
             for pace in get_args(Pace)[::-1]:  # Flower's first, then fedtune's
-                nodes = [consortium.start_institution(INSTITUTIONS[i], files[i], pace) for i in range(count)]
+                processes = [consortium.start_coordinator(pace)]
+                processes += [consortium.start_institution(INSTITUTIONS[i], files[i], pace) for i in range(count)]
                 results[pace] = consortium.submit(job(count, args.rounds, pace, labels), f"n{count}-{pace}")
-                for node in nodes:
-                    node.stop()
+                for process in processes[::-1]:
+                    process.stop()
             lines += [row(count, pace, metrics, results["flower"]) for pace, metrics in results.items()]
     cold = message_phases(files[0], labels, folder / "phases-cache")
     warm = message_phases(files[0], labels, folder / "phases-cache")

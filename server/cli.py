@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import get_args
 
-from common.config import ConfigError, Pace
+from common.config import DEFAULT_PACE, ConfigError, Pace
 from common.data import DataError
 from common.messages import describe_error
 from common.processes import (
@@ -115,7 +115,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         # while the SuperLink runs (a ServerApp can fail alone).
         while not stopping:
             process = FlowerProcess(
-                superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls),
+                superlink_command(coordinator.state, args.host, args.port, args.fleet_address, tls, args.pace),
                 dict(coordinator.env(), **GRPC_LOG_ENV), cwd=coordinator.state, name="flower-superlink",
             )
             current.append(process)
@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "resume` instead of resuming them")
     start.add_argument("--insecure", action="store_true",
                        help="run without TLS and without institution authentication (local trials only)")
+    start.add_argument("--pace", choices=get_args(Pace), default=DEFAULT_PACE,
+                       help="how often the SuperLink sweeps expired task claims and reads a followed run's log "
+                       f"(server/link_chores.py), or 'flower': as Flower 1.39 does (default {DEFAULT_PACE})")
     start.set_defaults(run=cmd_start)
 
     admit = commands.add_parser("admit", parents=[state], help="admit an institution by its public key")

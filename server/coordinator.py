@@ -42,6 +42,7 @@ from flwr.common.constant import AuthnType
 from flwr.supercore.credential_store import FileCredentialStore
 
 from common.config import (
+    DEFAULT_PACE,
     JOB_ID_KEY,
     NAMES_KEY,
     OUT_DIR_KEY,
@@ -49,6 +50,7 @@ from common.config import (
     RUN_CONFIG_KEY,
     ConfigError,
     JobConfig,
+    Pace,
     load_config,
     new_job_id,
 )
@@ -56,11 +58,12 @@ from common.data import read_job_records
 from common.model_files import default_model_path, model_digest
 from common.processes import FlowerProcess, dial_host, flower_env, flower_executable, write_private, write_secret
 from common.superexec import SECRET_FILE
+from server import control
+from server.control import CONNECTION
 from server.fleet_events import FLEET_EVENTS_FILE
 from server.pki import CA_CERT, SERVER_CERT, SERVER_KEY
 from server.run_folder import JOB_FILE, METRICS_FILE
 
-CONNECTION = "fedtune"
 INSTITUTIONS_FILE = "institutions.json"  # in the state folder: fedtune's names of the admitted node keys
 CONTROL_TOKEN = "control.token"  # in the state folder: what the Control API accepts (server/superlink.py)
 FINISHED = "finished"
@@ -108,12 +111,13 @@ def bundle_hash(app: Path = REPO_ROOT) -> str:
         raise CoordinatorError(f"{app}: cannot build the app bundle: {_one_line(str(exc))}") from None
 
 
-def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None) -> list[str]:
+def superlink_command(state: Path, host: str, port: int, fleet_address: str, tls: TlsFiles | None,
+                      pace: Pace = DEFAULT_PACE) -> list[str]:
     """Flower's `flower-superlink` flags, run through server/superlink.py (Control API token, fedtune's
-    SuperExec, TLS 1.3); secrets travel as file paths only."""
+    SuperExec, TLS 1.3, `pace` of its chores); secrets travel as file paths only."""
     command = [sys.executable, "-m", "server.superlink", "--control-token-file", str(state / CONTROL_TOKEN),
                "--fleet-events-file", str(state / FLEET_EVENTS_FILE),
-               "--institutions-file", str(state / INSTITUTIONS_FILE), "--"]
+               "--institutions-file", str(state / INSTITUTIONS_FILE), "--pace", pace, "--"]
     if tls is None:
         command.append("--insecure")
     else:
@@ -219,10 +223,18 @@ class Coordinator:
     def flwr(self, *args: str, timeout: float = 120) -> dict:
         """Run `flwr ARGS fedtune --format json`; its JSON answer, or CoordinatorError with Flower's reason.
 
-        Flower's CLI exits 0 even when it failed, so success is read from the answer itself.
+        Listing runs and nodes is asked in this process (server/control.py: the same code, without a
+        `flwr` process of 2 CPU-seconds). Flower's CLI exits 0 even when it failed, so success is read
+        from the answer itself.
         """
         if not (self.flwr_home / "config.toml").is_file():
             raise CoordinatorError(f"{self.state}: no coordinator here; start one with `fedtune-server start --state-dir {self.state}`")
+        try:
+            answer = control.ask(self.flwr_home, self.state / CONTROL_TOKEN, *args)
+        except control.ControlError as error:
+            raise CoordinatorError(_one_line(str(error))) from None
+        if answer is not None:
+            return answer
         result = subprocess.run(
             [flower_executable("flwr"), *args, CONNECTION, "--format", "json"],
             env=self.env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
@@ -414,8 +426,9 @@ class Coordinator:
                check: float = STATUS_CHECK_SECONDS) -> dict:
         """Wait for the run to finish; the run's final record.
 
-        Each status check is a `flwr ls` process, about a CPU-second: asked every 3 s it took a sixth of a
-        2-core machine from the job it waited for (BENCHMARKS.md). So the wait is on Flower's log stream of
+        A `flwr ls` process every 3 s took a sixth of a 2-core machine from the job it waited for
+        (BENCHMARKS.md); status checks are now asked in this process (server/control.py), and the wait is
+        on Flower's log stream of
         the run (one process, shown unless `show_logs` is False), which ends when the run has finished; the
         status is checked when it ends and every `check` s besides; once the stream is gone without the run
         having finished (it broke, e.g. when the SuperLink was restarted), after `poll` s, doubling up to

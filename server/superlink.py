@@ -2,8 +2,8 @@
 
 `fedtune-server start` runs `python -m server.superlink --control-token-file FILE -- ARGS`, where
 ARGS are `flower-superlink`'s own flags (server/coordinator.py, `superlink_command`). Flower
-parses them and builds the SuperLink exactly as `flower-superlink` does; three things change on
-the way, through the slots Flower itself provides, without touching Flower's files:
+parses them and builds the SuperLink exactly as `flower-superlink` does; these change on the way,
+without touching Flower's files (through the slots Flower provides, but for the pinned chores):
 
 - Control API (admit institutions, submit jobs whose ServerApp runs as this user). Flower 1.39's
   open-source SuperLink lets every caller in: its account plugin is a no-op, and a real one
@@ -18,6 +18,8 @@ the way, through the slots Flower itself provides, without touching Flower's fil
   starts fedtune's (common/superexec.py), which also keeps task tokens off command lines.
 - TLS 1.3 only on that port: uvicorn's default context, which `flower-superlink` uses, accepts 1.2.
   (The Fleet port is Flower's gRPC server, whose TLS versions Python cannot set: docs/operators.md.)
+- Two of its chores run less often (server/link_chores.py), unless `--pace flower`: the sweep of
+  expired task claims before nearly every state access, and the log stream's reads.
 - Fleet faults are recorded (server/fleet_events.py): each node key the Fleet API refuses, named
   after the institution it was admitted as, and each failed TLS handshake on the Fleet port, which
   gRPC reports only in its own INFO log lines on stderr (read here, and not passed on).
@@ -39,8 +41,9 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import get_args
 
 import uvicorn
 from flwr.common.constant import ACCESS_TOKEN_KEY, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
@@ -52,8 +55,9 @@ from flwr.supercore.logger import console_handler
 from flwr.superlink.auth_plugin import ControlAuthnPlugin
 from flwr.superlink.cli.flower_superlink import SuperLinkLifespan, _parse_superlink_lifespan_config
 
+from common.config import DEFAULT_PACE, Pace
 from common.superexec import TOKEN_DIR
-from server import fleet_events
+from server import fleet_events, link_chores
 
 
 class TokenAuthn(ControlAuthnPlugin):
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where refused node keys and failed TLS handshakes are recorded (server/fleet_events.py)")
     parser.add_argument("--institutions-file", type=Path, required=True, metavar="FILE",
                         help="the coordinator's admitted institutions, to name a refused key")
+    parser.add_argument("--pace", choices=get_args(Pace), default=DEFAULT_PACE,
+                        help="'fast': run two chores less often (server/link_chores.py); 'flower': as Flower does")
     args = parser.parse_args(ours)
     if not separator:
         parser.error("give flower-superlink's flags after --")
@@ -221,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("GRPC_VERBOSITY") != fleet_events.GRPC_LOG_ENV["GRPC_VERBOSITY"]:
         log(WARNING, "fedtune: GRPC_VERBOSITY is not INFO: failed TLS handshakes on the Fleet port go unrecorded")
     StderrTap(KeyRefusalsRecorded.recorder)
+    if args.pace != "flower":
+        reason = link_chores.pace()
+        if reason is None:
+            log(INFO, "fedtune: %s", link_chores.PACED)
+        else:
+            log(WARNING, "fedtune: the SuperLink's chores run at Flower's pace: %s", reason)
     from flwr.superlink.main import create_app  # pylint: disable=import-outside-toplevel
 
     app = create_app(config, Lifespan)

@@ -104,11 +104,16 @@ class Coordinator:
         rows = [line.split() for line in result.stdout.splitlines()[1:]]
         return {row[0]: row[2] for row in rows if len(row) >= 3}
 
-    def runs(self) -> list[dict]:
-        """Flower's own record of the runs (`flwr ls --format json`), not fedtune's."""
-        result = subprocess.run([flower_executable("flwr"), "ls", "fedtune", "--format", "json"], capture_output=True,
+    def flwr(self, *args: str) -> dict:
+        """Flower's CLI's own answer (`flwr ARGS fedtune --format json`), run as the operator."""
+        result = subprocess.run([flower_executable("flwr"), *args, "fedtune", "--format", "json"], capture_output=True,
                                 text=True, env=flower_env(self.state / "flwr-home"), timeout=60)
-        answer = json.loads(result.stdout)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)
+
+    def runs(self) -> list[dict]:
+        """Flower's own record of the runs (`flwr ls`), not fedtune's."""
+        answer = self.flwr("ls")
         assert answer["success"], answer
         return answer["runs"]
 

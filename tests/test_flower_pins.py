@@ -12,6 +12,8 @@ import ast
 import inspect
 import tomllib
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from importlib.metadata import version
 
 import flwr.supernode.start_client_internal as supernode_internal
@@ -28,6 +30,7 @@ from flwr.supernode.runtime import run_clientapp
 from client import supernode
 from common import flower_patch
 from common.config import REPO_ROOT
+from server import control, link_chores
 from server.polling import PollingGrid
 from server.round_log import RecordingGrid
 
@@ -133,6 +136,56 @@ def test_the_installer_and_its_clientapp_caller_are_the_code_the_reuse_patch_rep
     assert flower_patch.mismatch(install, flower_patch.BUNDLE_INSTALL) is None
     assert flower_patch.mismatch(run_clientapp, flower_patch.CLIENTAPP_RUN) is None
     assert flower_patch.mismatch(flower_config, flower_patch.PROJECT_DIR) is None
+
+
+def test_the_cli_code_the_coordinator_runs_in_process_is_pinned(monkeypatch):
+    """server/control.py runs `flwr ls` / `flwr supernode ls`'s own functions; changed ones send it back to the CLI."""
+    assert control.unpinned() is None
+    assert control.ask(Path("/nonexistent"), Path("/nonexistent"), "stop", "7") is None  # not a read: the CLI's
+    monkeypatch.setitem(control.PINS[control.RUNS_CODE], "_to_json", "0" * 64)
+    assert "_to_json changed in flwr.cli.ls" in control.unpinned()
+    assert control.ask(Path("/nonexistent"), Path("/nonexistent"), "ls") is None  # the CLI's turn: nothing read
+
+
+def test_the_superlink_chores_paced_are_the_pinned_code():
+    """server/link_chores.py: the sweep (and the expiry checks that make a late one harmless) and the
+    log stream, which sleeps on its module's LOG_STREAM_INTERVAL."""
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.superlink.servicer.control import control_handlers
+
+    assert flower_patch.mismatch(SqlCoreState, link_chores.SWEEP_PINS) is None
+    assert flower_patch.mismatch(link_chores.task_auth, link_chores.AUTH_PINS) is None
+    assert flower_patch.mismatch(control_handlers, link_chores.LOG_STREAM_PINS) is None
+    sleeps = [node for node in ast.walk(ast.parse(inspect.getsource(control_handlers._stream_logs)))
+              if isinstance(node, ast.Call) and ast.unparse(node.func) == "time.sleep"]
+    assert [ast.unparse(node.args[0]) for node in sleeps] == ["LOG_STREAM_INTERVAL"]
+
+
+def test_pacing_wraps_flowers_own_sweep_once_and_slows_the_log_stream(monkeypatch):
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.superlink.servicer.control import control_handlers
+
+    flowers = SqlCoreState._cleanup_expired_task_tokens
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", flowers)  # put back after the test
+    monkeypatch.setattr(control_handlers, "LOG_STREAM_INTERVAL", control_handlers.LOG_STREAM_INTERVAL)
+    assert link_chores.pace() is None and link_chores.pace() is None
+    assert SqlCoreState._cleanup_expired_task_tokens.__wrapped__ is flowers
+    assert control_handlers.LOG_STREAM_INTERVAL == link_chores.LOG_STREAM_SECONDS
+
+
+def test_a_paced_sweep_runs_at_most_once_a_period_across_threads():
+    now = [100.0]
+    swept = []
+    paced = link_chores.paced_sweep(lambda state: swept.append(state), every=1.0, clock=lambda: now[0])
+    paced("a")
+    now[0] += 0.5
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(paced, "bcde"))
+    assert swept == ["a"]
+    now[0] += 0.5  # a period after the last sweep that ran
+    paced("f")
+    paced("g")
+    assert swept == ["a", "f"]
 
 
 def test_an_installed_bundle_is_used_as_is_and_any_other_is_installed_by_flower(tmp_path, monkeypatch):

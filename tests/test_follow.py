@@ -1,7 +1,8 @@
-"""`fedtune-server submit`/`follow` wait on Flower's log stream, not on a `flwr ls` process every 3 s.
+"""`fedtune-server submit`/`follow` wait on Flower's log stream, not on a status check every 3 s.
 
-Each `flwr ls` is a Python process of about a CPU-second (2 with its SuperLink side): asked every 3 s,
-the follower took a sixth of a 2-core machine from the deployed job it waited for (BENCHMARKS.md).
+The status was once a `flwr ls` process (about 2 CPU-seconds) every 3 s, which took a sixth of a
+2-core machine from the deployed job it waited for (BENCHMARKS.md); it is now asked in process
+(server/control.py) when the stream ends and every 30 s.
 Flower's answers are stood in for: a real process plays the log stream (it ends when the run does),
 `Coordinator.runs` plays `flwr ls`.
 """

@@ -10,6 +10,7 @@ deployment checks; the refusals need no job.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -36,7 +37,10 @@ from common.config import REPO_ROOT
 from common.processes import SUPEREXEC_SECRET, flower_executable, is_loopback, private_dir, write_secret
 from common.superexec import read_secret, runtime_client
 from deployment_support import approve, cli, tail, write_job
+from server import control, link_chores
+from server.control import CONNECTION
 from server.coordinator import CONTROL_TOKEN
+from server.coordinator import Coordinator as CoordinatorState
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -195,6 +199,50 @@ def test_the_control_api_answers_only_the_operators_token(coordinator, federatio
     assert token not in coordinator.log.read_text()
 
 
+def test_the_coordinators_own_questions_get_the_cli_answer_without_a_process(coordinator, federation, monkeypatch,
+                                                                             tmp_path):
+    """The supervisor, `submit`'s follower and the console list runs and nodes in their own process
+    (server/control.py): no process is started, the Control API still wants the token, and any
+    failure is one line (the runs' answers are compared with the CLI's after the observed job)."""
+    home, token = coordinator.state / "flwr-home", coordinator.state / CONTROL_TOKEN
+    def stable(nodes: list[dict]) -> list[dict]:
+        return [{key: value for key, value in node.items() if key != "online-elapsed"} for node in nodes]
+
+    assert stable(control.ask(home, token, "supernode", "ls")["nodes"]) == stable(coordinator.flwr("supernode", "ls")["nodes"])
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(subprocess, "run", no_process)
+        patched.setattr(subprocess, "Popen", no_process)
+        names = {row["name"]: row["status"] for row in CoordinatorState(coordinator.state).institutions()}
+    assert names == {"alpha": "online", "beta": "online"}
+    assert link_chores.PACED in coordinator.log.read_text()  # and the SuperLink's chores are paced
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("0" * 64)
+    with pytest.raises(control.ControlError, match="uthenticat"):
+        control.ask(home, wrong, "ls")
+    for args in (("ls",), ("ls", "--run-id", "1")):
+        with pytest.raises(control.ControlError) as missing:
+            control.ask(home, tmp_path / "no.token", *args)
+        assert "\n" not in str(missing.value) and "no.token" in str(missing.value)
+    assert control.ask(home, token, "ls", "--run-id", str(2**64)) is None  # not a run id: the CLI's to refuse
+
+
+def test_an_unreachable_superlink_is_flowers_one_line_reason(tmp_path):
+    home = private_dir(tmp_path / "flwr-home")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refused
+        (home / "config.toml").write_text(tomli_w.dumps(
+            {"superlink": {CONNECTION: {"address": address, "insecure": True}}}))
+        (tmp_path / "token").write_text("0" * 64)
+        with pytest.raises(control.ControlError) as refused:
+            control.ask(home, tmp_path / "token", "supernode", "ls")
+    assert "\n" not in str(refused.value) and "SuperLink" in str(refused.value), str(refused.value)
+
+
 @pytest.mark.parametrize("side", ["coordinator", "institution"])
 def test_a_task_claim_without_the_superexec_secret_is_refused(side, coordinator, federation):
     if side == "coordinator":
@@ -232,6 +280,18 @@ def observed_job(coordinator, federation, banking_slice, slice_labels, tmp_path_
         seen = sampler.stop()
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr}\n{tail(federation.folder / 'alpha.log')}"
     return folder / "run", result, seen
+
+
+def test_the_in_process_run_list_is_the_clis_after_a_job(observed_job, coordinator):
+    home, token = coordinator.state / "flwr-home", coordinator.state / CONTROL_TOKEN
+    [run] = control.ask(home, token, "ls")["runs"]
+    assert run["status"] == "finished:completed"
+    for args in (("ls",), ("ls", "--run-id", run["run-id"])):
+        assert control.ask(home, token, *args) == coordinator.flwr(*args), args
+    with pytest.raises(control.ControlError) as unknown:
+        control.ask(home, token, "ls", "--run-id", str(int(run["run-id"]) ^ 1))
+    cli = coordinator.flwr("ls", "--run-id", str(int(run["run-id"]) ^ 1))["error-message"]
+    assert "\n" not in str(unknown.value) and cli.endswith(f"\n{unknown.value}"), (str(unknown.value), cli)
 
 
 def test_every_process_of_a_deployment_listens_on_loopback_only(observed_job, coordinator):

@@ -16,6 +16,7 @@ from client import supernode
 from client.daemon import NodeSettings, gate_command, supernode_command
 from common.config import DEFAULT_PACE, JobConfig
 from common.polling import BUSY_DELAY, BUSY_SECONDS, FACTOR, FIRST_DELAY, MAX_DELAY, Backoff
+from server.coordinator import superlink_command
 from server.polling import PollingGrid, waiting_grid
 from server.round_log import RecordingGrid, RoundLog
 
@@ -129,6 +130,11 @@ def test_the_flower_switch_restores_flowers_waits_on_both_sides(tmp_path: Path):
     gate = gate_command(node("flower"), 1)
     assert gate[gate.index("--pace") + 1] == "flower"
     assert gate[gate.index("--model-dir") + 1] == str(tmp_path)  # whose code warm ClientApps find loaded
+    for pace in ("flower", "fast"):  # the coordinator's SuperLink: its chores (server/link_chores.py)
+        ours = superlink_command(tmp_path, "127.0.0.1", 9093, "127.0.0.1:9092", None, pace)
+        assert ours[ours.index("--pace") + 1] == pace and ours.index("--pace") < ours.index("--")
+    default = superlink_command(tmp_path, "127.0.0.1", 9093, "127.0.0.1:9092", None)
+    assert default[default.index("--pace") + 1] == DEFAULT_PACE
 
 
 def test_the_patched_supernode_polls_soon_after_a_message_and_backs_off_while_idle():
