@@ -14,6 +14,7 @@ without it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import tomllib
@@ -60,8 +61,9 @@ class BearerToken:
         return call_next(context)
 
 
+@functools.cache
 def unpinned() -> str | None:
-    """Why Flower's `ls` code is not the code pinned here, or None."""
+    """Why Flower's `ls` code is not the code pinned here, or None (digested once per process)."""
     for module, pins in PINS.items():
         if (reason := mismatch(importlib.import_module(module), pins)) is not None:
             return reason

@@ -427,10 +427,9 @@ class Coordinator:
         """Wait for the run to finish; the run's final record.
 
         A `flwr ls` process every 3 s took a sixth of a 2-core machine from the job it waited for
-        (BENCHMARKS.md); status checks are now asked in this process (server/control.py), and the wait is
-        on Flower's log stream of
-        the run (one process, shown unless `show_logs` is False), which ends when the run has finished; the
-        status is checked when it ends and every `check` s besides; once the stream is gone without the run
+        (BENCHMARKS.md). So the wait is on Flower's log stream of the run (one process, shown unless
+        `show_logs` is False), which ends when the run has finished; the status (asked in this process,
+        server/control.py) is checked when it ends and every `check` s besides; once the stream is gone without the run
         having finished (it broke, e.g. when the SuperLink was restarted), after `poll` s, doubling up to
         `check` (a stream started again would print the log again from its start).
         """

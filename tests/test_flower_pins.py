@@ -138,11 +138,13 @@ def test_the_installer_and_its_clientapp_caller_are_the_code_the_reuse_patch_rep
     assert flower_patch.mismatch(flower_config, flower_patch.PROJECT_DIR) is None
 
 
-def test_the_cli_code_the_coordinator_runs_in_process_is_pinned(monkeypatch):
+def test_the_cli_code_the_coordinator_runs_in_process_is_pinned(monkeypatch, request):
     """server/control.py runs `flwr ls` / `flwr supernode ls`'s own functions; changed ones send it back to the CLI."""
     assert control.unpinned() is None
     assert control.ask(Path("/nonexistent"), Path("/nonexistent"), "stop", "7") is None  # not a read: the CLI's
     monkeypatch.setitem(control.PINS[control.RUNS_CODE], "_to_json", "0" * 64)
+    control.unpinned.cache_clear()  # digested once per process: again for the broken pin, and after the test
+    request.addfinalizer(control.unpinned.cache_clear)
     assert "_to_json changed in flwr.cli.ls" in control.unpinned()
     assert control.ask(Path("/nonexistent"), Path("/nonexistent"), "ls") is None  # the CLI's turn: nothing read
 
