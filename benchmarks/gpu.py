@@ -3,7 +3,7 @@
 
 Prints one table (samples/s and peak memory per device and precision, bf16 with gradient
 checkpointing too) and the job's wall time and accuracy. Needs the converted model
-(scripts/setup_smollm2.py). Not run yet: no CUDA machine was available (BENCHMARKS.md). Run by hand:
+(scripts/setup_smollm2.py); BENCHMARKS.md has an H200's figures and how they were taken. Run by hand:
 
     .venv/bin/python benchmarks/gpu.py [--batch 64] [--steps 5] [--trainable-layers 30] [--skip-job]
 
@@ -66,14 +66,20 @@ def dp_step_rate(device_name: str, precision: str, checkpointing: bool, args) ->
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"device": device_name, "precision": precision, "checkpointing": checkpointing,
-            "step_s": statistics.median(times[1:]), "samples_per_s": args.batch / statistics.median(times[1:]),
+            # Poisson batches: their expected size, not --batch (660 records at --batch 64 sample 60 a step).
+            "step_s": statistics.median(times[1:]), "samples_per_s": len(features) * rate / statistics.median(times[1:]),
             "peak_bytes": peak}
 
 
 def in_fresh_process(device: str, precision: str, checkpointing: bool, args) -> dict:
+    """One measurement in its own process (peak memory is its own); a failure ends it with its last line."""
     command = [sys.executable, __file__, "--one", device, precision, str(int(checkpointing)), "--cache", args.cache,
                *sys.argv[1:]]
-    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split("\n")[-2])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"benchmarks/gpu.py: {device} {precision} failed: {last}")
+    return json.loads(done.stdout.split("\n")[-2])
 
 
 def compare_checkpointing(device: str, args) -> None:
@@ -113,16 +119,19 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu.py: no CUDA device here")
-    rows = [in_fresh_process(*row, args) for row in
-            (("cpu", "fp32", False), ("cuda:0", "fp32", False), ("cuda:0", "bf16", False), ("cuda:0", "bf16", True))]
     print(f"GPU: {torch.cuda.get_device_name(0)}; SmolLM2-135M LoRA r=16, top {args.trainable_layers} layers, "
-          f"DP-SGD ({args.mode}), batch {args.batch}")
-    print("| device | precision | gradient checkpointing | samples/s | x CPU | peak memory |")
-    print("|---|---|---|---:|---:|---:|")
-    for row in rows:
+          f"DP-SGD ({args.mode}), batch {args.batch}, median of {args.steps} steps after the first")
+    print("| device | precision | gradient checkpointing | s per step | samples/s | x CPU | peak memory |")
+    print("|---|---|---|---:|---:|---:|---:|", flush=True)
+    cpu = None
+    # The CPU first: every GPU row is quoted against it, and printed as soon as measured.
+    for setting in (("cpu", "fp32", False), ("cuda:0", "fp32", False), ("cuda:0", "bf16", False),
+                    ("cuda:0", "bf16", True)):
+        row = in_fresh_process(*setting, args)
+        cpu = cpu or row
         print(f"| {row['device']} | {row['precision']} | {'on' if row['checkpointing'] else 'off'} | "
-              f"{row['samples_per_s']:.1f} | "
-              f"{row['samples_per_s'] / rows[0]['samples_per_s']:.1f} | {row['peak_bytes'] / 2**30:.2f} GiB |")
+              f"{row['step_s']:.3f} | {row['samples_per_s']:.1f} | {row['samples_per_s'] / cpu['samples_per_s']:.1f} | "
+              f"{row['peak_bytes'] / 2**30:.2f} GiB |", flush=True)
     if not args.skip_job:
         out = Path(tempfile.mkdtemp(prefix="fedtune-gpu-job-")) / "run"
         started = time.perf_counter()
