@@ -33,7 +33,7 @@ demo-llm: $(SMOLLM2)/config.json
 
 # Two workers (see tests/conftest.py); the slowest tests listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/default_run.py

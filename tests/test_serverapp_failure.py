@@ -53,7 +53,9 @@ def test_a_job_whose_serverapp_failed_is_resumed_by_the_supervisor_and_finishes(
          "the failed job was not resumed", coordinator.log)
     resumed = next(rid for rid, entry in json.loads(runs_file.read_text()).items() if entry.get("resumes") == run_id)
     assert {str(run["run-id"]): run["status"] for run in coordinator.runs()}[run_id] == "finished:failed"
-    wait(lambda: (out / "metrics.json").is_file(), 300, "the resumed job did not finish", coordinator.log)
+    # The ServerApp writes metrics.json, then exits; Flower marks the run finished only after that.
+    wait(lambda: {str(run["run-id"]): run["status"] for run in coordinator.runs()}.get(resumed) == "finished:completed",
+         300, "the resumed job did not finish", coordinator.log)
     log = coordinator.log.read_text()
     assert f"run {run_id} was interrupted; resumed as run {resumed}" in log and "flower-superlink exited" not in log
     assert [p.pid for p in psutil.Process(coordinator.process.pid).children()
