@@ -8,6 +8,10 @@ activity comes after `FIRST_DELAY` and each further one waits `FACTOR` times lon
 round is usually that close, and three pollers stand between a reply and the next instruction),
 then up to `MAX_DELAY`: an answer that is already on its way is picked up within a fifth of a
 second, and a long wait (an institution training) costs about one request a second.
+
+Past a reply deadline, a reply that reached the SuperLink in time is still fetched while its parts
+keep coming; one without a new part for `STALLED_UPLOAD` seconds is given up (its sender died
+mid-upload), so that a dead institution delays the round by that much, not by Flower's patience.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ FACTOR = 1.5
 BUSY_DELAY = 0.2
 BUSY_SECONDS = 10.0
 MAX_DELAY = 1.0
+STALLED_UPLOAD = 15.0
 
 
 @dataclass

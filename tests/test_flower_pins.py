@@ -1,7 +1,8 @@
 """The Flower internals fedtune's speed-ups rely on, pinned: an upgrade that changes them fails here.
 
 client/supernode.py patches the SuperNode's sleeps; server/polling.py re-implements the Grid's
-`send_and_receive` on its public `push_messages` / `pull_messages`; common/flower_patch.py shortens
+`send_and_receive` on its public `push_messages`, and server/reply_parts.py its `pull_messages` in
+two steps; common/flower_patch.py shortens
 the retries of a message's object pulls and lets a ClientApp use an installed bundle as is. All were written against flwr 1.39.0. When one of these tests fails, read the new Flower code, adapt the patch or the
 Grid wrapper, and update the digests.
 """
@@ -32,14 +33,16 @@ from common import flower_patch
 from common.config import REPO_ROOT
 from server import control, link_chores
 from server.polling import PollingGrid
+from server.reply_parts import PULL_MESSAGES
 from server.round_log import RecordingGrid
 
 # What PollingGrid assumes of Flower's Grid: push_messages returns the instructions' ids, each
 # pull_messages returns only replies not returned before (it confirms their receipt), a reply
-# names its instruction in reply_to_message_id, and send_and_receive is push + pull-until-done.
+# names its instruction in reply_to_message_id, and send_and_receive is push + pull-until-done;
+# and the pull_messages whose requests HttpReplies makes step by step.
 HTTP_GRID = {
     "push_messages": "9aa5938ad18d36f91fc788748303da90b37905fe20b8cb89448d86a05d3c53fa",
-    "pull_messages": "67a5266a5a2ed51557437a15ef4c8844f46576bc5bb6b0753d2a2f6230a3aa83",
+    **PULL_MESSAGES,
     "send_and_receive": "699c9f048f3cff746bf5f743771c17dcbb60cd45b6b778adb5600ffc81ee37b2",
 }
 
