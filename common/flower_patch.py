@@ -19,8 +19,12 @@ calls Flower's `install_from_fab`, which unzips the whole bundle into a temporar
 every file against the bundle's manifest, and then, finding the bundle's folder already installed,
 returns that folder and deletes what it unzipped (0.02-0.06 s a message). The patched one reads
 only the bundle's `pyproject.toml`, asks Flower's `get_project_dir` for the bundle's folder (named
-as `validate_and_install` names it, the bundle's SHA-256 in it), and returns that folder when it
-exists; otherwise Flower installs it.
+as `validate_and_install` names it), and returns that folder when it holds this bundle; otherwise
+Flower installs it. Flower names the folder by only 8 hex digits of the bundle's SHA-256 and reuses
+whatever it finds there, so two approved bundles of one name and version whose hashes share those
+digits (2^32 tries to make) would run one's code for the other, and a half-finished install would be
+used as it is: the patched installer writes the full hash into the folder (`INSTALLED_HASH`) once
+Flower has installed the bundle, and installs afresh into a folder without this bundle's hash.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import functools
 import hashlib
 import inspect
 import io
+import os
+import shutil
 import tomllib
 import zipfile
 from importlib.metadata import version
@@ -88,11 +94,15 @@ CLIENTAPP_RUN = {"run_clientapp": "0df7b3272ecdc6e6b52fa24a72d6e394c42a412ebed0c
 PROJECT_DIR = {"get_project_dir": "155c70517e73e59826aed10b3e3a0ba06e02feb3573fee44d23a32798edb632c"}  # the folder name both use
 
 
-def installed_folder(bundle: bytes) -> Path | None:
-    """The folder Flower installed `bundle` in, if it is there: Flower's `get_project_dir`, the folder
-    `flwr-clientapp` loads the app from (`validate_and_install` names it the same way)."""
+INSTALLED_HASH = ".fedtune-bundle-sha256"  # in an installed bundle's folder: the SHA-256 of the bundle it holds
+
+
+def bundle_folder(bundle: bytes) -> Path | None:
+    """Where Flower installs `bundle`: Flower's `get_project_dir`, the folder `flwr-clientapp` loads the
+    app from (`validate_and_install` names it the same way); None for what is not a bundle, or names
+    a folder anywhere but in Flower's apps folder."""
     # pylint: disable=import-outside-toplevel
-    from flwr.common.config import get_metadata_from_config, get_project_dir
+    from flwr.common.config import APP_DIR, get_flwr_home, get_metadata_from_config, get_project_dir
 
     try:
         with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
@@ -100,7 +110,29 @@ def installed_folder(bundle: bytes) -> Path | None:
         folder = get_project_dir(*get_metadata_from_config(config), hashlib.sha256(bundle).hexdigest())
     except (zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError):
         return None  # Flower's installer says what is wrong with it
-    return folder if folder.is_dir() else None
+    return folder if folder.parent == get_flwr_home() / APP_DIR else None
+
+
+def installed_folder(bundle: bytes) -> Path | None:
+    """The folder Flower installed `bundle` in, if it holds this bundle (its full hash recorded there)."""
+    folder = bundle_folder(bundle)
+    try:
+        recorded = (folder / INSTALLED_HASH).read_text(encoding="ascii") if folder is not None else None
+    except OSError:
+        return None
+    return folder if recorded == hashlib.sha256(bundle).hexdigest() else None
+
+
+def _install_afresh(flower_install, bundle: bytes) -> Path:
+    """Flower's install of `bundle` into an emptied folder, its full hash recorded there afterwards."""
+    folder = bundle_folder(bundle)
+    if folder is not None and folder.exists():  # another bundle's, or an install cut short
+        shutil.rmtree(folder)
+    installed = flower_install(bundle, None, True)
+    record = installed / f"{INSTALLED_HASH}.{os.getpid()}"
+    record.write_text(hashlib.sha256(bundle).hexdigest(), encoding="ascii")
+    record.replace(installed / INSTALLED_HASH)
+    return installed
 
 
 def reuse_installed_bundles() -> str | None:
@@ -122,6 +154,8 @@ def reuse_installed_bundles() -> str | None:
         if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
             if (folder := installed_folder(fab_file)) is not None:
                 return folder
+            if bundle_folder(fab_file) is not None:
+                return _install_afresh(flower_install, fab_file)
         return flower_install(fab_file, install_dir, skip_prompt)
 
     run_clientapp.install_from_fab = install_from_fab

@@ -10,6 +10,7 @@ Grid wrapper, and update the digests.
 from __future__ import annotations
 
 import ast
+import io
 import inspect
 import tomllib
 import zipfile
@@ -220,3 +221,52 @@ def test_an_installed_bundle_is_used_as_is_and_any_other_is_installed_by_flower(
     assert run_clientapp.install_from_fab(other, skip_prompt=True) != folder and unzipped == [1, 1]
     with pytest.raises(zipfile.BadZipFile):  # Flower's own answer to a broken bundle
         run_clientapp.install_from_fab(b"not a zip", skip_prompt=True)
+
+
+def other_app(tmp_path: Path, marker: str) -> bytes:
+    """A bundle of fedtune's name and version with other code: its `server/__init__.py` says `marker`."""
+    app = tmp_path / marker
+    for pattern in ("common", "common/models", "client", "client/privacy", "server"):  # fab-include's folders
+        (app / pattern).mkdir(parents=True)
+        (app / pattern / "__init__.py").write_text(f"MARKER = {marker!r}\n" if pattern == "server" else "")
+    (app / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
+    return build_fab_from_disk(app)
+
+
+def test_a_folder_holding_another_bundle_or_a_cut_short_install_is_never_used_for_a_bundle(tmp_path, monkeypatch):
+    """Flower names an installed bundle's folder by 8 hex digits of its hash and reuses what it finds
+    there. Played here with those digits shortened to none, so that two approved bundles of one name
+    and version share a folder as two whose hashes collide would: each runs its own code."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    monkeypatch.setattr(run_clientapp, "install_from_fab", run_clientapp.install_from_fab)  # restored afterwards
+    monkeypatch.setattr(flower_config, "FAB_HASH_TRUNCATION", 0)
+    monkeypatch.setattr(install, "FAB_HASH_TRUNCATION", 0)
+    assert flower_patch.reuse_installed_bundles() is None
+    first, second = other_app(tmp_path, "first"), other_app(tmp_path, "second")
+    assert flower_patch.bundle_folder(first) == flower_patch.bundle_folder(second)  # the collision
+
+    def installed_code(bundle: bytes) -> str:
+        folder = run_clientapp.install_from_fab(bundle, skip_prompt=True)
+        return (folder / "server" / "__init__.py").read_text()
+
+    assert "first" in installed_code(first) and "second" in installed_code(second)
+    assert "first" in installed_code(first)  # back again, not the folder as the second left it
+    assert flower_patch.installed_folder(second) is None
+
+    folder = flower_patch.installed_folder(first)
+    (folder / flower_patch.INSTALLED_HASH).unlink()  # as a kill before the hash was recorded leaves it
+    (folder / "server" / "__init__.py").write_text("MARKER = 'half-written'\n")
+    assert "first" in installed_code(first)
+
+
+def test_a_bundle_naming_a_folder_outside_flowers_apps_folder_has_none(tmp_path, monkeypatch):
+    """The bundle's own pyproject names the folder: a version with a path in it must not point the
+    installer (which empties a folder before it installs there) anywhere else."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    version = tomllib.loads(pyproject)["project"]["version"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("pyproject.toml", pyproject.replace(f'version = "{version}"', 'version = "1/../../../victim"', 1))
+    assert flower_patch.bundle_folder(archive.getvalue()) is None
+    assert flower_patch.bundle_folder(build_fab_from_disk(REPO_ROOT)).parent == tmp_path / "flwr-home" / "apps"
