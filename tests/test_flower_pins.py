@@ -211,12 +211,7 @@ def test_an_installed_bundle_is_used_as_is_and_any_other_is_installed_by_flower(
     assert flower_patch.installed_folder(bundle) == folder
     assert run_clientapp.install_from_fab(bundle, skip_prompt=True) == folder and unzipped == [1]  # used as is
 
-    app = tmp_path / "other-app"  # the same name and version, other code: another bundle, not installed
-    for pattern in ("common", "common/models", "client", "client/privacy", "server"):  # fab-include's folders
-        (app / pattern).mkdir(parents=True)
-        (app / pattern / "__init__.py").write_text("")
-    (app / "pyproject.toml").write_text((REPO_ROOT / "pyproject.toml").read_text())
-    other = build_fab_from_disk(app)
+    other = other_app(tmp_path, "other")  # the same name and version, other code: another bundle, not installed
     assert other != bundle and flower_patch.installed_folder(other) is None
     assert run_clientapp.install_from_fab(other, skip_prompt=True) != folder and unzipped == [1, 1]
     with pytest.raises(zipfile.BadZipFile):  # Flower's own answer to a broken bundle
