@@ -25,6 +25,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from pydantic import ValidationError
 
+from client import optimizer_state
 from client.app import local_log
 from client.local_data import LocalData, load_local_data
 from client.privacy.grant import Request, allowance, grant_for
@@ -124,6 +125,8 @@ def train_round(msg: Message, context: Context) -> Message:
     )
     names = list(trainable_state(model))
     load_trainable_state(model, from_ndarrays(names, parameters_to_ndarrays(instruction.parameters)))
+    weights = optimizer_state.weights_of(trainable_state(model))
+    adam_file = optimizer_state.state_file(state_dir(node), dataset, job_id) if job.training.keep_adam_state else None
     history = ledger.history(dataset)
     # The next round accounts for the same mechanisms: keep their RDP values for its process.
     save_memo(memo, [(noise, rate) for noise, rate, _ in history] + [(plan.noise_multiplier, plan.sample_rate)])
@@ -143,6 +146,7 @@ def train_round(msg: Message, context: Context) -> Message:
         learning_rate=job.training.learning_rate,
         adapter_learning_rate=job.training.adapter_learning_rate,
         accountant=ledger.accountant(dataset),
+        adam_state=optimizer_state.load(adam_file, weights) if adam_file else None,
         proximal_mu=float(instruction.config.get(m.PROXIMAL_MU, 0.0)),
         grad_sample_mode=job.training.grad_sample_mode,
         physical_batch=job.training.physical_batch,
@@ -180,6 +184,8 @@ def train_round(msg: Message, context: Context) -> Message:
     )
     check_deadline(msg, server_round)  # training took past it: the entry stays pending, uncounted
     ledger.release(entry)  # last thing before the update leaves: see client/privacy/ledger.py
+    if adam_file:  # only now: an unreleased round's gradients must not reach the next update
+        optimizer_state.save(adam_file, weights, result.adam_state)
     return Message(compat.fitres_to_recorddict(reply, keep_input=True), reply_to=msg)
 
 

@@ -28,6 +28,8 @@ StepCallback = Callable[[int, int, float], None]
 class LocalResult:
     history: list[HistoryEntry]
     mean_loss: float
+    #: Adam's per-weight state (moments, step count) after the steps, as `torch.optim.Adam.state_dict()["state"]`.
+    adam_state: dict
 
 
 def _secret_generator(device: torch.device) -> torch.Generator:
@@ -62,6 +64,7 @@ def train_dp(
     learning_rate: float,
     adapter_learning_rate: float,
     accountant: IAccountant,
+    adam_state: dict | None = None,
     proximal_mu: float = 0.0,
     on_step: StepCallback | None = None,
     grad_sample_mode: str = "hooks",
@@ -75,6 +78,8 @@ def train_dp(
     Opacus clips each record's gradient of it. `grad_sample_mode`: Opacus' 'hooks' (per-record
     gradients) or 'ghost' (per-record gradient norms only, two backward passes).
     `gradient_checkpointing`: `upper.checkpointed` (a decoder's UpperStack) while training.
+    `adam_state`: a `LocalResult.adam_state` of the same trainable weights to go on from (else a fresh Adam);
+    the learning rates are this call's.
     """
     device = next(upper.parameters()).device
     generator = _secret_generator(torch.device("cpu"))
@@ -87,12 +92,14 @@ def train_dp(
         {"params": [p for p in params if id(p) in head], "lr": learning_rate},
         {"params": [p for p in params if id(p) not in head], "lr": adapter_learning_rate},
     ]
-    optimizer = torch.optim.Adam([group for group in groups if group["params"]])
+    adam = torch.optim.Adam([group for group in groups if group["params"]])
+    if adam_state is not None:
+        adam.load_state_dict({"state": adam_state, "param_groups": adam.state_dict()["param_groups"]})
     engine = PrivacyEngine(accountant=accountant.mechanism())
     engine.accountant.load_state_dict(accountant.state_dict())
     private = engine.make_private(
         module=upper,
-        optimizer=optimizer,
+        optimizer=adam,
         data_loader=loader,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -140,6 +147,7 @@ def train_dp(
     return LocalResult(
         history=compact(engine.accountant.history),
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        adam_state=adam.state_dict()["state"],
     )
 
 

@@ -270,6 +270,11 @@ class TrainingConfig(_Section):
         2e-4, gt=0, description="Adam step size of the LoRA adapters: small, since under DP noise a fast-moving "
         "adapter shifts the features faster than the head can follow (see BENCHMARKS.md).",
     )
+    keep_adam_state: bool = Field(
+        True, description="Carry Adam's moments over from an institution's last round of the same job, kept in "
+        "its state dir (client/optimizer_state.py). Off: a fresh Adam every round, whose first steps move every "
+        "weight by the full learning rate in the sign of a noisy gradient (BENCHMARKS.md).",
+    )
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
     grad_sample_mode: Literal["hooks", "ghost"] = Field(
         "hooks", description="Opacus' per-record clipping: 'hooks' (per-record gradients) or 'ghost' (ghost "

@@ -323,3 +323,53 @@ def test_a_resumed_job_keeps_its_grant_and_a_reused_job_id_buys_no_second_one(in
     for bad in ("../../ledger", "job-" + "0" * 200, "7; DROP TABLE releases"):
         reply = institution.round(hostile_job(slice_labels, model_dir), run_id=103, job_id=bad)
         assert refusal(reply).reason == m.Reason.BAD_INSTRUCTION and bad not in everything_sent(reply)
+
+
+def adam_steps(path: Path) -> set[int]:
+    """The step count of every weight's saved Adam state."""
+    import torch
+
+    return {int(state["step"]) for state in torch.load(path, weights_only=True)["state"].values()}
+
+
+def test_adam_state_goes_on_across_a_jobs_rounds_and_stays_private_in_the_state_dir(institution, slice_labels,
+                                                                                     model_dir):
+    from client.optimizer_state import state_file
+
+    job, job_id = hostile_job(slice_labels, model_dir, **{"privacy.target_epsilon": 3.0}), "job-00000000000000ad"
+    for server_round in (1, 2):
+        assert not institution.round(job, server_round=server_round, job_id=job_id).has_error()
+    path = state_file(institution.state, institution.dataset, job_id)
+    job_steps = sum(steps for _, _, steps in institution.ledger.history(institution.dataset, job_id))
+    assert job_steps > 0 and adam_steps(path) == {job_steps}  # one Adam across both rounds, not a fresh one each
+    assert path.stat().st_mode & 0o077 == 0 and path.parent.stat().st_mode & 0o077 == 0
+    assert job_id not in path.name and institution.dataset not in path.name
+    assert not institution.round(job, job_id="job-00000000000000ae").has_error()
+    other = state_file(institution.state, institution.dataset, "job-00000000000000ae")
+    other_steps = sum(steps for _, _, steps in institution.ledger.history(institution.dataset, "job-00000000000000ae"))
+    assert adam_steps(other) == {other_steps} and other_steps < job_steps  # another job starts its own Adam
+
+
+def test_a_round_never_released_leaves_nothing_in_the_next_rounds_adam(institution, slice_labels, model_dir,
+                                                                      monkeypatch):
+    """The coordinator lets a round's deadline pass while it trains: that round's noisy gradients were never
+    counted (its ledger entry stays pending), so they must not move the next released update through Adam."""
+    import client.round
+    from client.optimizer_state import state_file
+
+    job, job_id = hostile_job(slice_labels, model_dir), "job-00000000000000af"
+    assert not institution.round(job, server_round=1, job_id=job_id).has_error()
+    path = state_file(institution.state, institution.dataset, job_id)
+    after_first, saved = adam_steps(path), path.read_bytes()
+    checks = []
+
+    def deadline_passes_during_training(msg, server_round):
+        checks.append(server_round)
+        if len(checks) == 2:  # the check after training
+            raise m.Refused(m.Reason.DEADLINE_PASSED, "passed during training")
+
+    monkeypatch.setattr(client.round, "check_deadline", deadline_passes_during_training)
+    assert refusal(institution.round(job, server_round=2, job_id=job_id)).reason == m.Reason.DEADLINE_PASSED
+    assert path.read_bytes() == saved and adam_steps(path) == after_first
+    pending = institution.ledger.releases(institution.dataset, include_pending=True)
+    assert len(pending) == 2 and len(institution.ledger.releases(institution.dataset)) == 1

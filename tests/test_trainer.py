@@ -55,3 +55,34 @@ def test_accountant_continues_across_rounds_and_loss_falls(model_config, slice_l
     one_round = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
     assert epsilon(history, 1e-5, "prv") > epsilon(one_round, 1e-5, "prv")
     assert losses[-1] < losses[0]
+
+
+def test_adam_goes_on_from_a_given_state_at_this_calls_learning_rates(model_config, slice_labels, banking_slice):
+    model, features, labels, plan = _setup(model_config, slice_labels, banking_slice)
+    upper = UpperStack(model, model_config)
+    first = _train(model, model_config, features, labels, plan, [])
+    again = train_dp(upper, features, labels, plan, steps=plan.steps_per_round, max_grad_norm=1.0,
+                     learning_rate=1e-9, adapter_learning_rate=1e-9, adam_state=first.adam_state,
+                     accountant=restore_accountant(accountant_state(first.history, "prv"), "prv"))
+    assert {int(state["step"]) for state in again.adam_state.values()} == {2 * plan.steps_per_round}
+    before = trainable_state(model)
+    train_dp(upper, features, labels, plan, steps=1, max_grad_norm=1.0, learning_rate=1e-9,
+             adapter_learning_rate=1e-9, adam_state=again.adam_state,
+             accountant=restore_accountant(accountant_state(again.history, "prv"), "prv"))
+    moved = max(float((after - before[name]).abs().max()) for name, after in trainable_state(model).items())
+    assert moved < 1e-8  # the saved state carries the moments, not the first call's learning rates
+
+
+def test_saved_adam_state_is_used_only_for_the_same_trainable_weights(tmp_path, capfd):
+    from client import optimizer_state
+
+    path = optimizer_state.state_file(tmp_path, "st-mary", "job-00000000000000aa")
+    weights = [("head.weight", (3, 4)), ("lora_A", (4, 2))]
+    state = {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(3, 4), "exp_avg_sq": torch.ones(3, 4)}}
+    assert optimizer_state.load(path, weights) is None  # the job's first round
+    optimizer_state.save(path, weights, state)
+    assert torch.equal(optimizer_state.load(path, weights)[0]["exp_avg"], torch.ones(3, 4))
+    assert optimizer_state.load(path, [("head.weight", (5, 4)), ("lora_A", (4, 2))]) is None  # another label count
+    path.write_bytes(path.read_bytes()[:40])  # a torn or tampered file
+    assert optimizer_state.load(path, weights) is None
+    assert capfd.readouterr().err.count("starts a fresh Adam") == 2
