@@ -42,15 +42,16 @@ def load(path: Path, weights: Weights) -> dict | None:
     """The state saved for exactly these weights, or None: a fresh Adam (first round, other weights, unreadable)."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved_weights, state = [(name, tuple(shape)) for name, shape in saved["weights"]], dict(saved["state"])
     except FileNotFoundError:
         return None
     except Exception:  # noqa: BLE001 - any unreadable file means the same: start afresh
         local_log(f"{path}: unreadable Adam state, this round starts a fresh Adam")
         return None
-    if [(name, tuple(shape)) for name, shape in saved.get("weights", [])] != weights:
+    if saved_weights != weights:
         local_log(f"{path}: Adam state of other trainable weights, this round starts a fresh Adam")
         return None
-    return saved["state"]
+    return state
 
 
 def save(path: Path, weights: Weights, state: dict) -> None:

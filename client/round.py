@@ -123,9 +123,9 @@ def train_round(msg: Message, context: Context) -> Message:
         model_config.model_dump_json(), tuple(job.data.labels), node.device or job.training.device, local,
         str(node.cache_dir or default_cache_dir()),
     )
-    names = list(trainable_state(model))
-    load_trainable_state(model, from_ndarrays(names, parameters_to_ndarrays(instruction.parameters)))
-    weights = optimizer_state.weights_of(trainable_state(model))
+    trainable = trainable_state(model)
+    load_trainable_state(model, from_ndarrays(list(trainable), parameters_to_ndarrays(instruction.parameters)))
+    weights = optimizer_state.weights_of(trainable)
     adam_file = optimizer_state.state_file(state_dir(node), dataset, job_id) if job.training.keep_adam_state else None
     history = ledger.history(dataset)
     # The next round accounts for the same mechanisms: keep their RDP values for its process.
